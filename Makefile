@@ -1,0 +1,65 @@
+# amalgam: the habits of the project. `make help` lists them.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA_DIR ?= data
+TEACHERS_DIR ?= teachers
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: help install test test-fast lint format clean demo teachers data
+
+help:
+	@echo "make install  - create $(VENV) and install amalgam[dev] (idempotent)"
+	@echo "make demo     - get Fashion-MNIST, train two teachers, amalgamate, print the table"
+	@echo "make test     - the whole test suite (slow tests included)"
+	@echo "make test-fast - the tests not marked slow"
+	@echo "make lint / make format / make clean"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || \
+		$(BIN)/python -m pip install --quiet torch torchvision
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: install
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+data: install
+	$(BIN)/python -m amalgam.data.fetch fashion_mnist --root $(DATA_DIR)
+
+teachers: data
+	$(BIN)/python -m amalgam.train_teacher experiment=demo teacher=demo_a
+	$(BIN)/python -m amalgam.train_teacher experiment=demo teacher=demo_b
+
+demo: install data
+	@start=$$(date +%s); \
+	for t in demo_a demo_b; do \
+		if [ -f $(TEACHERS_DIR)/$$t.safetensors ] && [ -f $(TEACHERS_DIR)/$$t.json ]; then \
+			echo "teacher $$t exists: $(TEACHERS_DIR)/$$t.safetensors (delete it to retrain)"; \
+		else \
+			$(BIN)/python -m amalgam.train_teacher experiment=demo teacher=$$t || exit 1; \
+		fi; \
+	done; \
+	$(BIN)/python -m amalgam.amalgamate experiment=demo || exit 1; \
+	echo "demo wall time: $$(( $$(date +%s) - start )) s"
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	@echo "kept $(VENV), $(DATA_DIR), $(TEACHERS_DIR) and logs/ (remove them by hand if wanted)"

@@ -1,0 +1,76 @@
+"""`python -m amalgam.amalgamate experiment=<name>`: amalgamate teachers into a student."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from amalgam import report
+from amalgam.build import build_amalgamation
+from amalgam.evaluation import evaluate, model_stats
+from amalgam.module import AmalgamModule
+from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
+
+
+def final_report(
+    module: AmalgamModule, dm: Any, out_dir: Path, extra: dict[str, Any], loggers: list[Any] = ()
+) -> dict[str, Any]:
+    """Evaluate student and teachers on the test split; write, print and log the report."""
+    device = module.device
+    results = evaluate(module.student, module.teachers, dm.test_dataloader(), module.space, device)
+    results |= model_stats(module.student, module.teachers, dm.image_size, dm.channels, device)
+    results |= extra
+    paths = report.write(results, out_dir)
+    report.show(results)
+    report.log_to(list(loggers), results, paths["png"])
+    log.info("results written to %s", paths["json"])
+    return results
+
+
+def amalgamate(cfg: DictConfig) -> dict[str, Any]:
+    quiet_known_warnings()
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    dm, module = build_amalgamation(cfg)
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    start = time.time()
+    try:
+        train = (
+            dm.labeled_train_dataloader() if module.method.uses_labels else dm.train_dataloader()
+        )
+        trainer.fit(module, train, dm.val_dataloader(), ckpt_path=cfg.get("ckpt_path"))
+        ckpt = out_dir / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(ckpt)
+        results: dict[str, Any] = {}
+        if trainer.is_global_zero:
+            extra = {
+                "method": str(cfg.method.get("name", cfg.method._target_.rsplit(".", 1)[-1])),
+                "uses_labels": bool(module.method.uses_labels),
+                "seed": int(cfg.seed),
+                "student_arch": str(cfg.student.arch),
+                "teacher_archs": {n: m.arch for n, m in module.teachers.metas.items()},
+                "teacher_hashes": module.teachers.hashes(),
+                "epochs": int(trainer.current_epoch),
+                "train_seconds": round(time.time() - start, 1),
+                "checkpoint": str(ckpt),
+            }
+            results = final_report(module, dm, out_dir, extra, loggers)
+    finally:
+        finish_loggers(loggers)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="amalgamate")
+def main(cfg: DictConfig) -> None:
+    amalgamate(cfg)
+
+
+if __name__ == "__main__":
+    main()

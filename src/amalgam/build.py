@@ -1,0 +1,131 @@
+"""Turn a composed config into data, teachers, student, method and the LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from amalgam.backbone import Backbone, check_arch, classifier_prefix, create_timm
+from amalgam.module import AmalgamModule
+from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
+from amalgam.teachers.bank import TeacherBank, load_teacher_bank
+from amalgam.teachers.io import meta_path, read_meta, read_weights, strip_prefix
+
+
+def to_dict(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def build_datamodule(data_cfg: Any, tasks: Mapping[str, Any]):
+    """Instantiate the datamodule for `tasks` ({name: classes}); resolves classes eagerly."""
+    dm = hydra.utils.instantiate(data_cfg, tasks={k: list(v) for k, v in tasks.items()})
+    _ = dm.label_space
+    return dm
+
+
+def teacher_tasks(teacher_set: Mapping[str, Any]) -> dict[str, list]:
+    """Each teacher's classes: its metadata file's names, else the config's names/indices."""
+    if not teacher_set:
+        raise ConfigError("teacher_set is empty: amalgamation needs at least one teacher")
+    tasks = {}
+    for name, t in teacher_set.items():
+        weights = t.get("weights")
+        if not weights or not Path(weights).is_file():
+            raise ConfigError(
+                f"teacher '{name}': weights file '{weights}' not found. Train it with "
+                f"`python -m amalgam.train_teacher teacher={name}` (or `make teachers`), "
+                f"or set teacher_set.{name}.weights to an existing file"
+            )
+        meta = read_meta(weights) or {}
+        arch = t.get("arch") or meta.get("arch")
+        if not arch:
+            raise ConfigError(f"teacher '{name}': no arch in config nor in '{meta_path(weights)}'")
+        check_arch(arch, f"teacher_set.{name}.arch")
+        classes = meta.get("classes") or t.get("classes")
+        if not classes:
+            raise ConfigError(f"teacher '{name}': empty class list (teacher_set.{name}.classes)")
+        tasks[name] = list(classes)
+    return tasks
+
+
+def check_config_classes(teacher_set: Mapping[str, Any], space: LabelSpace, data_classes) -> None:
+    """A teacher's configured classes must equal those its file was trained on."""
+    for name, t in teacher_set.items():
+        if t.get("classes") and read_meta(t["weights"]):
+            given = resolve_classes(t["classes"], data_classes, name)
+            if tuple(given) != space.task(name).classes:
+                raise ConfigError(
+                    f"teacher '{name}': config classes {list(given)} differ from the classes its "
+                    f"file was trained on {list(space.task(name).classes)}; fix teacher classes"
+                )
+
+
+def build_student(cfg: Mapping[str, Any], num_classes: int) -> Backbone:
+    model = create_timm(
+        cfg["arch"],
+        num_classes,
+        cfg.get("in_chans", 3),
+        key="student.arch",
+        **(cfg.get("model_kwargs") or {}),
+    )
+    if cfg.get("weights"):
+        sd = strip_prefix(read_weights(cfg["weights"], "student init"), list(model.state_dict()))
+        head = classifier_prefix(model) + "."
+        sd = {k: v for k, v in sd.items() if not k.startswith(head)}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        body_missing = [k for k in missing if not k.startswith(head)]
+        if body_missing or unexpected:
+            raise ConfigError(
+                f"student.weights '{cfg['weights']}' does not fit '{cfg['arch']}': missing "
+                f"{body_missing[:5]}, unexpected {list(unexpected)[:5]}"
+            )
+    return Backbone(
+        model,
+        cfg.get("in_chans", 3),
+        cfg.get("input_size"),
+        cfg.get("mean"),
+        cfg.get("std"),
+        cfg.get("feature_indices", (-1,)),
+    )
+
+
+def build_method(
+    method_cfg: Any,
+    space: LabelSpace,
+    student: Backbone,
+    bank: TeacherBank,
+    image_size: int,
+    channels: int,
+):
+    method_cfg = dict(to_dict(method_cfg))
+    method_cfg.pop("name", None)
+    factory = hydra.utils.instantiate(method_cfg)
+    needs = getattr(factory.func, "needs_features", False)
+    s_shapes = student.feature_shapes(image_size, channels) if needs else []
+    t_shapes = {
+        n: (t.feature_shapes(image_size, channels) if needs else [])
+        for n, t in bank.teachers.items()
+    }
+    return factory(space=space, student_shapes=s_shapes, teacher_shapes=t_shapes)
+
+
+def build_amalgamation(cfg: DictConfig) -> tuple[Any, AmalgamModule]:
+    """(datamodule, module) for an amalgamation config. Cheap checks come first."""
+    teacher_set = to_dict(cfg.teacher_set)
+    check_arch(cfg.student.arch, "student.arch")
+    tasks = teacher_tasks(teacher_set)
+    dm = build_datamodule(cfg.data, tasks)
+    space = dm.label_space
+    check_config_classes(teacher_set, space, dm.source.classes)
+    for name in teacher_set:
+        teacher_set[name]["class_names"] = list(space.task(name).classes)
+    feat_idx = to_dict(cfg.student.get("feature_indices", [-1]))
+    bank = load_teacher_bank(teacher_set, feature_indices=feat_idx)
+    student = build_student(to_dict(cfg.student), space.num_classes)
+    method = build_method(cfg.method, space, student, bank, dm.image_size, dm.channels)
+    record = {"config": to_dict(cfg), "label_space": space.as_dict()}
+    return dm, AmalgamModule(bank, student, method, to_dict(cfg.optim), record)

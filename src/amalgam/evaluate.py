@@ -1,0 +1,80 @@
+"""`python -m amalgam.evaluate ckpt_path=...`: rebuild a student checkpoint and report on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from amalgam.amalgamate import final_report
+from amalgam.build import build_amalgamation
+from amalgam.tasks import ConfigError
+from amalgam.utils import CONF_DIR, quiet_known_warnings
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path '{path}' not found")
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint '{path}' cannot be read safely: {e}") from e
+    if "amalgam" not in ckpt:
+        raise ConfigError(f"checkpoint '{path}' was not written by amalgam.amalgamate")
+    return ckpt
+
+
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rebuild teachers (hash-checked), student and method from a checkpoint; evaluate."""
+    quiet_known_warnings()
+    ckpt = read_checkpoint(ckpt_path)
+    rec = ckpt["amalgam"]
+    cfg = OmegaConf.create(rec["config"])
+    for name, t in rec["teachers"].items():
+        cfg.teacher_set[name].weights = t["path"]
+    if overrides:
+        cfg = OmegaConf.merge(cfg, overrides)
+    dm, module = build_amalgamation(cfg)
+    hashes = module.teachers.hashes()
+    for name, t in rec["teachers"].items():
+        if hashes[name] != t["meta"]["sha256"]:
+            raise ConfigError(
+                f"teacher '{name}' at '{t['path']}' has changed since the checkpoint was written "
+                f"(hash {hashes[name][:12]} != {t['meta']['sha256'][:12]})"
+            )
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith("teachers.")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    module.eval()
+    extra = {k: v for k, v in rec.get("results_meta", {}).items()}
+    extra |= {
+        "method": str(cfg.method.get("name", cfg.method._target_.rsplit(".", 1)[-1])),
+        "seed": int(cfg.seed),
+        "checkpoint": str(ckpt_path),
+        "student_arch": str(cfg.student.arch),
+        "teacher_hashes": hashes,
+    }
+    out = Path(out_dir) if out_dir else Path(ckpt_path).parent.parent / "eval"
+    return final_report(module, dm, out, extra)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate_checkpoint(
+        cfg.ckpt_path, cfg.get("output_dir"), OmegaConf.to_container(cfg.get("overrides") or {})
+    )
+
+
+if __name__ == "__main__":
+    main()

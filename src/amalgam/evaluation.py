@@ -1,0 +1,147 @@
+"""Task-aware and joint accuracy of the student and of the teachers, on the same test images."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from amalgam.backbone import Backbone
+from amalgam.methods.base import concat_teacher_logits
+from amalgam.tasks import LabelSpace
+from amalgam.teachers.bank import TeacherBank
+
+
+class AmalgamAccuracy(Metric):
+    """Accumulates, from logits over the union label space and union labels:
+
+    - task-aware accuracy of task i: on images of C_i, argmax restricted to the logits of C_i;
+    - joint accuracy: on every image, argmax over the whole union.
+    """
+
+    full_state_update = False
+
+    def __init__(self, space: LabelSpace) -> None:
+        super().__init__()
+        self.space = space
+        k, n = space.num_classes, len(space.tasks)
+        member = torch.zeros(n, k, dtype=torch.bool)
+        local = torch.full((n, k), -1, dtype=torch.long)
+        for i, t in enumerate(space.tasks):
+            idx = torch.tensor(space.indices(t.name))
+            member[i, idx] = True
+            local[i, idx] = torch.arange(len(idx))
+        self.register_buffer("member", member, persistent=False)
+        self.register_buffer("local", local, persistent=False)
+        self.task_index = [torch.tensor(space.indices(t.name)) for t in space.tasks]
+        self.add_state("correct", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("joint_correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("joint_total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.long()
+        self.joint_correct += (logits.argmax(1) == labels).sum()
+        self.joint_total += labels.numel()
+        for i, idx in enumerate(self.task_index):
+            mask = self.member[i, labels]
+            if not mask.any():
+                continue
+            pred = logits[mask][:, idx.to(logits.device)].argmax(1)
+            self.correct[i] += (pred == self.local[i, labels[mask]]).sum()
+            self.total[i] += mask.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = {
+            t.name: self.correct[i].float() / self.total[i].clamp_min(1)
+            for i, t in enumerate(self.space.tasks)
+        }
+        out["joint"] = self.joint_correct.float() / self.joint_total.clamp_min(1)
+        return out
+
+
+def count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@torch.no_grad()
+def throughput(model: Backbone, x: torch.Tensor, iters: int = 3) -> float:
+    """Images per second of an eval-mode forward (logits only) on batch `x`."""
+    was = model.training
+    model.eval()
+    model(x, features=False)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        model(x, features=False)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    model.train(was)
+    return iters * x.shape[0] / dt
+
+
+@torch.no_grad()
+def evaluate(
+    student: Backbone,
+    teachers: TeacherBank,
+    loader,
+    space: LabelSpace,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Accuracies of student and teachers on the loader's labeled images (union labels)."""
+    was = student.training
+    student.eval()
+    s_acc = AmalgamAccuracy(space).to(device)
+    t_acc = AmalgamAccuracy(space).to(device)
+    n = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        s_acc.update(student(x, features=False).logits, y)
+        t_acc.update(concat_teacher_logits(teachers(x, features=False).logits, space), y)
+        n += y.numel()
+    student.train(was)
+    s, t = s_acc.compute(), t_acc.compute()
+    totals = s_acc.total.tolist()
+    tasks = {
+        task.name: {
+            "classes": list(task.classes),
+            "teacher_acc": float(t[task.name]),
+            "student_acc": float(s[task.name]),
+            "n_test": int(totals[i]),
+        }
+        for i, task in enumerate(space.tasks)
+    }
+    joint = {
+        "student_acc": float(s["joint"]),
+        "teacher_ensemble_acc": float(t["joint"]),
+        "n_test": n,
+    }
+    return {"tasks": tasks, "joint": joint}
+
+
+def model_stats(
+    student: Backbone,
+    teachers: TeacherBank,
+    image_size: int,
+    channels: int,
+    device: torch.device | str = "cpu",
+    batch: int = 64,
+) -> dict[str, Any]:
+    """Parameter counts and eval throughput of the student and each teacher, one batch each."""
+    x = torch.rand(batch, channels, image_size, image_size, device=device)
+    params = {"student": count_params(student), "teachers": {}}
+    speed = {
+        "student": throughput(student, x),
+        "teachers": {},
+        "batch": batch,
+        "image_size": image_size,
+        "device": str(device),
+    }
+    for name, t in teachers.teachers.items():
+        params["teachers"][name] = count_params(t)
+        speed["teachers"][name] = throughput(t, x)
+    params["teachers_total"] = sum(params["teachers"].values())
+    return {"params": params, "throughput_img_s": speed}

@@ -1,0 +1,117 @@
+"""The LightningModule that wires frozen teachers, a student and a method together."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+
+from amalgam.backbone import Backbone
+from amalgam.classifier import split_head, steps_per_epoch
+from amalgam.evaluation import AmalgamAccuracy
+from amalgam.methods.base import Method
+from amalgam.optim import configure
+from amalgam.teachers.bank import TeacherBank
+
+TEACHER_PREFIX = "teachers."
+
+
+def images_of(batch: Any) -> torch.Tensor:
+    """The images of an unlabeled batch; refuses any batch that carries labels."""
+    if isinstance(batch, Mapping):
+        extra = set(batch) - {"image", "index"}
+        if extra:
+            raise ValueError(f"an amalgamation batch may carry images and ids only, got {extra}")
+        return batch["image"]
+    raise TypeError(
+        "amalgamation expects unlabeled batches {'image', 'index'}; got "
+        f"{type(batch).__name__}. Use the datamodule's train_dataloader()."
+    )
+
+
+class AmalgamModule(L.LightningModule):
+    """Trains the student (and the method's own parts) on unlabeled images.
+
+    Teachers are frozen, kept in eval mode, left out of the optimiser and of checkpoints
+    (which record their paths and hashes in `checkpoint['amalgam']` instead).
+    """
+
+    def __init__(
+        self,
+        teachers: TeacherBank,
+        student: Backbone,
+        method: Method,
+        optim: Mapping[str, Any],
+        record: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.teachers = teachers
+        self.student = student
+        self.method = method
+        self.optim = dict(optim)
+        self.record = dict(record or {})
+        self.space = teachers.space
+        self.strict_loading = False
+        self.val_acc = AmalgamAccuracy(self.space)
+
+    def train(self, mode: bool = True) -> AmalgamModule:
+        super().train(mode)
+        self.teachers.eval()
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        for k in [k for k in sd if k.startswith(TEACHER_PREFIX)]:
+            del sd[k]
+        return sd
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["amalgam"] = {**self.record, "teachers": self.teachers.record()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x, features=False).logits
+
+    def losses(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        feats = self.method.needs_features
+        t = self.teachers(x, features=feats) if self.method.uses_teachers else None
+        s = self.student(x, features=feats)
+        return self.method(s, t, labels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.method.uses_labels:
+            x, y = batch
+            terms = self.losses(x, y)
+        else:
+            terms = self.losses(images_of(batch))
+        loss = torch.stack(list(terms.values())).sum()
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc.update(self(x), y)
+        if not self.method.uses_labels:
+            terms = self.losses(x)
+            loss = torch.stack(list(terms.values())).sum()
+            self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(x))
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.log_dict({f"val/acc_{k}": v for k, v in acc.items()}, prog_bar=False)
+        self.log("val/joint_acc", acc["joint"], prog_bar=True)
+        self.val_acc.reset()
+
+    def configure_optimizers(self):
+        groups = split_head(self.student)
+        groups["method"] = list(self.method.parameters())
+        return configure(
+            self.optim,
+            groups,
+            int(self.trainer.estimated_stepping_batches),
+            steps_per_epoch(self.trainer),
+        )

@@ -1,0 +1,150 @@
+"""The student-vs-teacher report: results.json, results.md, a bar chart, a rich table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(task, classes, teacher, student, student - teacher) per task, then the joint row."""
+    out = []
+    for name, t in results["tasks"].items():
+        delta = 100 * (t["student_acc"] - t["teacher_acc"])
+        out.append(
+            (
+                name,
+                str(len(t["classes"])),
+                pct(t["teacher_acc"]),
+                pct(t["student_acc"]),
+                f"{delta:+.2f}",
+            )
+        )
+    j = results["joint"]
+    delta = 100 * (j["student_acc"] - j["teacher_ensemble_acc"])
+    n = sum(len(t["classes"]) for t in results["tasks"].values())
+    out.append(
+        (
+            "joint (ensemble for teachers)",
+            str(n),
+            pct(j["teacher_ensemble_acc"]),
+            pct(j["student_acc"]),
+            f"{delta:+.2f}",
+        )
+    )
+    return out
+
+
+HEADER = ("task", "classes", "teacher acc %", "student acc %", "delta")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"# Results: {results.get('method', '?')} (seed {results.get('seed', '?')})",
+        "",
+        "Task-aware accuracy per task (argmax inside the task's classes; the teacher uses its own "
+        "head), and joint accuracy over the union (teachers: argmax over concatenated logits).",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+    p = results.get("params")
+    if p:
+        lines += [
+            "",
+            f"Parameters: student {p['student']:,}, teachers "
+            + ", ".join(f"{k} {v:,}" for k, v in p["teachers"].items()),
+        ]
+    s = results.get("throughput_img_s")
+    if s:
+        lines += [
+            f"Throughput (img/s, eval, batch {s['batch']}, {s['device']}): student "
+            f"{s['student']:.0f}, teachers "
+            + ", ".join(f"{k} {v:.0f}" for k, v in s["teachers"].items())
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(results: dict[str, Any]) -> Table:
+    table = Table(title=f"amalgam: {results.get('method', '?')} student vs teachers (test set)")
+    for h in HEADER:
+        table.add_column(h, justify="left" if h == "task" else "right")
+    for r in rows(results):
+        style = "green" if r[-1].startswith("+") else "red"
+        table.add_row(*r[:-1], f"[{style}]{r[-1]}[/{style}]")
+    return table
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*results["tasks"], "joint"]
+    teacher = [t["teacher_acc"] for t in results["tasks"].values()]
+    teacher.append(results["joint"]["teacher_ensemble_acc"])
+    student = [t["student_acc"] for t in results["tasks"].values()]
+    student.append(results["joint"]["student_acc"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [100 * v for v in teacher], 0.4, label="teacher / ensemble")
+    ax.bar([x + 0.2 for x in xs], [100 * v for v in student], 0.4, label="student")
+    ax.set_xticks(list(xs), names, rotation=15)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right")
+    ax.set_title(f"{results.get('method', '')} student vs teachers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write results.json first (most valuable), then results.md and results.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    atomic_write(paths["json"], json.dumps(results, indent=2))
+    atomic_write(paths["md"], markdown(results))
+    plot(results, paths["png"])
+    return paths
+
+
+def show(results: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console()).print(rich_table(results))
+
+
+def log_to(loggers: list[Any], results: dict[str, Any], png: Path | None = None) -> None:
+    """Scalar accuracies to every logger; the table and the plot to wandb."""
+    metrics = {f"test/{n}/student_acc": t["student_acc"] for n, t in results["tasks"].items()}
+    metrics |= {f"test/{n}/teacher_acc": t["teacher_acc"] for n, t in results["tasks"].items()}
+    metrics["test/joint/student_acc"] = results["joint"]["student_acc"]
+    metrics["test/joint/teacher_ensemble_acc"] = results["joint"]["teacher_ensemble_acc"]
+    for lg in loggers:
+        lg.log_metrics(metrics)
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            lg.log_table("results", columns=list(HEADER), data=[list(r) for r in rows(results)])
+            if png is not None:
+                lg.experiment.log({"results_plot": wandb.Image(str(png))})
+        if hasattr(lg, "save"):
+            lg.save()

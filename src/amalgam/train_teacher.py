@@ -1,0 +1,85 @@
+"""`python -m amalgam.train_teacher teacher=<name>`: train a teacher on its task and export it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from amalgam.backbone import Backbone, create_timm
+from amalgam.build import build_datamodule, to_dict
+from amalgam.classifier import ClassifierModule
+from amalgam.teachers.io import TeacherMeta, export_teacher
+from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
+
+
+def train_teacher(cfg: DictConfig) -> Path:
+    """Train `cfg.teacher` on its task with labels; export safetensors + metadata."""
+    quiet_known_warnings()
+    L.seed_everything(cfg.seed, workers=True)
+    t = cfg.teacher
+    name = str(t.name)
+    model = create_timm(
+        t.arch,
+        len(t.classes) if t.classes else 0,
+        t.in_chans,
+        "teacher.arch",
+        **(to_dict(t.model_kwargs) or {}),
+    )
+    dm = build_datamodule(cfg.data, {name: list(t.classes or [])})
+    classes = list(dm.label_space.task(name).classes)
+    net = Backbone(model, t.in_chans, t.input_size, t.mean, t.std, feature_indices=())
+    module = ClassifierModule(
+        net, len(classes), to_dict(cfg.optim), cfg.get("label_smoothing", 0.0)
+    )
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    start = time.time()
+    try:
+        trainer.fit(module, dm.task_dataloader(name, "train"), dm.task_dataloader(name, "val"))
+        test = trainer.test(module, dm.task_dataloader(name, "test"), verbose=False)
+        acc = float(test[0]["test/acc"]) if test else None
+        mean, std = net.norm
+        meta = TeacherMeta(
+            name=name,
+            arch=str(t.arch),
+            classes=classes,
+            in_chans=int(t.in_chans),
+            input_size=int(t.input_size or dm.image_size),
+            mean=mean,
+            std=std,
+            model_kwargs=to_dict(t.model_kwargs) or {},
+            test_acc=acc,
+            data=str(cfg.data.get("name", "")) or None,
+            extra={
+                "epochs": int(trainer.current_epoch),
+                "seed": int(cfg.seed),
+                "train_seconds": round(time.time() - start, 1),
+            },
+        )
+        path = export_teacher(net.model, meta, Path(str(t.weights)).parent)
+    finally:
+        finish_loggers(loggers)
+    log.info(
+        "teacher '%s' (%s): test accuracy %.4f on %d classes -> %s",
+        name,
+        t.arch,
+        acc or float("nan"),
+        len(classes),
+        path,
+    )
+    print(f"teacher {name} ({t.arch}) test_acc={acc:.4f} -> {path}")
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_teacher")
+def main(cfg: DictConfig) -> None:
+    train_teacher(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Small helpers shared by the entry points: config dir, loggers, callbacks, warnings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+CONF_DIR = os.environ.get("AMALGAM_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
+log = logging.getLogger("amalgam")
+
+
+def quiet_known_warnings() -> None:
+    """Silence warnings that are expected by design (frozen teachers in eval mode, ...)."""
+    for pattern in (
+        r".*module\(s\) in eval mode.*",
+        r".*does not have many workers.*",
+        r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+        r".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a `_target_` in a dict-shaped config group."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c and "_target_" in c]
+
+
+def finish_loggers(loggers: list[Any]) -> None:
+    """Close every logger; a wandb run is always finished so sweep jobs never merge."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+        elif hasattr(lg, "finalize"):
+            try:
+                lg.finalize("success")
+            except Exception:
+                log.exception("logger %s failed to finalise", type(lg).__name__)

@@ -1,0 +1,100 @@
+"""End to end on generated images: train teachers, amalgamate, evaluate the checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from amalgam.amalgamate import amalgamate
+from amalgam.evaluate import evaluate_checkpoint
+from amalgam.teachers.io import meta_path, module_hash, read_weights
+from conftest import make_cfg
+
+QUIET = ["~callbacks.progress", "+trainer.enable_progress_bar=false"]
+
+
+def test_teacher_export_metadata_and_accuracy(tiny_teachers):
+    for name, arch, classes in (
+        ("tiny_a", "test_resnet", ["c0", "c1", "c2"]),
+        ("tiny_b", "test_efficientnet", ["c3", "c4", "c5"]),
+    ):
+        path = tiny_teachers / "teachers" / f"{name}.safetensors"
+        meta = json.loads(meta_path(path).read_text())
+        assert meta["arch"] == arch and meta["classes"] == classes
+        assert meta["in_chans"] == 3 and meta["input_size"] in (16, 24)
+        assert len(meta["mean"]) == 3 and len(meta["sha256"]) == 64
+        assert meta["test_acc"] > 0.6, f"{name} test accuracy {meta['test_acc']} not above chance"
+        assert read_weights(path)
+
+
+@pytest.mark.slow
+def test_fast_dev_run_amalgamation_writes_full_results(tiny_teachers, tmp_path):
+    teachers_dir = tiny_teachers / "teachers"
+    before = {n: read_weights(teachers_dir / f"{n}.safetensors") for n in ("tiny_a", "tiny_b")}
+    cfg = make_cfg(
+        "amalgamate",
+        ["experiment=tiny", "debug=fast_dev_run", *QUIET],
+        tiny_teachers,
+        tmp_path / "run",
+    )
+    res = amalgamate(cfg)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert set(on_disk["tasks"]) == {"tiny_a", "tiny_b"}
+    for t in on_disk["tasks"].values():
+        assert set(t) >= {"teacher_acc", "student_acc", "classes", "n_test"}
+        assert 0 <= t["student_acc"] <= 1 and t["teacher_acc"] > 0.6 and t["n_test"] == 48
+    assert set(on_disk["joint"]) >= {"student_acc", "teacher_ensemble_acc"}
+    assert on_disk["params"]["student"] > 0 and set(on_disk["params"]["teachers"]) == {
+        "tiny_a",
+        "tiny_b",
+    }
+    assert on_disk["throughput_img_s"]["student"] > 0
+    assert (tmp_path / "run" / "results.md").read_text().count("|") > 20
+    assert (tmp_path / "run" / "results.png").stat().st_size > 1000
+    # the teachers' files and hashes are untouched, and the results record the hashes
+    for n, sd in before.items():
+        after = read_weights(teachers_dir / f"{n}.safetensors")
+        assert all(torch.equal(sd[k], after[k]) for k in sd)
+    ckpt = torch.load(on_disk["checkpoint"], map_location="cpu", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teachers.")]
+    assert any(k.startswith("student.") for k in ckpt["state_dict"])
+    assert any(k.startswith("method.blocks.0.extractor") for k in ckpt["state_dict"])
+    rec = ckpt["amalgam"]["teachers"]
+    assert rec["tiny_a"]["meta"]["sha256"] == on_disk["teacher_hashes"]["tiny_a"]
+
+    # evaluate on the checkpoint reproduces the results exactly
+    again = evaluate_checkpoint(on_disk["checkpoint"], tmp_path / "eval")
+    assert again["tasks"] == on_disk["tasks"]
+    assert again["joint"] == on_disk["joint"]
+
+
+@pytest.mark.slow
+def test_short_fit_keeps_teachers_frozen_and_resumes(tiny_teachers, tmp_path):
+    from amalgam.build import build_amalgamation
+
+    cfg = make_cfg(
+        "amalgamate",
+        ["experiment=tiny", "trainer.max_epochs=1", *QUIET],
+        tiny_teachers,
+        tmp_path / "run",
+    )
+    _, module = build_amalgamation(cfg)
+    hashes = {n: module_hash(t.model) for n, t in module.teachers.teachers.items()}
+    res = amalgamate(cfg)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs"] == 1
+    # the files the run loaded are unchanged (hash of the rebuilt bank)
+    _, module2 = build_amalgamation(cfg)
+    assert {n: module_hash(t.model) for n, t in module2.teachers.teachers.items()} == hashes
+    assert res["teacher_hashes"] == hashes
+    # resume from last.ckpt for one more epoch
+    cfg2 = make_cfg(
+        "amalgamate",
+        ["experiment=tiny", "trainer.max_epochs=2", f"ckpt_path={last}", *QUIET],
+        tiny_teachers,
+        tmp_path / "run2",
+    )
+    res2 = amalgamate(cfg2)
+    assert res2["epochs"] == 2
