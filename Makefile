@@ -44,8 +44,8 @@ data: install
 	$(BIN)/python -m amalgam.data.fetch fashion_mnist --root $(DATA_DIR)
 
 teachers: data
-	$(BIN)/python -m amalgam.train_teacher experiment=demo teacher=demo_a
-	$(BIN)/python -m amalgam.train_teacher experiment=demo teacher=demo_b
+	$(BIN)/python -m amalgam.train_teacher experiment=demo_teachers teacher=demo_a
+	$(BIN)/python -m amalgam.train_teacher experiment=demo_teachers teacher=demo_b
 
 demo: install data
 	@start=$$(date +%s); \
@@ -53,7 +53,7 @@ demo: install data
 		if [ -f $(TEACHERS_DIR)/$$t.safetensors ] && [ -f $(TEACHERS_DIR)/$$t.json ]; then \
 			echo "teacher $$t exists: $(TEACHERS_DIR)/$$t.safetensors (delete it to retrain)"; \
 		else \
-			$(BIN)/python -m amalgam.train_teacher experiment=demo teacher=$$t || exit 1; \
+			$(BIN)/python -m amalgam.train_teacher experiment=demo_teachers teacher=$$t || exit 1; \
 		fi; \
 	done; \
 	$(BIN)/python -m amalgam.amalgamate experiment=demo || exit 1; \

@@ -334,7 +334,7 @@ def write_idx_set(directory: Path, gz: bool, n_train: int = 12, n_test: int = 5)
 
 def test_fashion_mnist_reads_gzipped_idx(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sources_mod, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
-    arrays = write_idx_set(tmp_path, gz=True)
+    arrays = write_idx_set(tmp_path / "fashion_mnist", gz=True)
     source = fashion_mnist(root=str(tmp_path), download=False)
     assert source.classes[0] == "T-shirt/top" and source.classes[9] == "Ankle boot"
     assert source.train.images.shape == (12, 1, 28, 28) and source.train.images.dtype == torch.uint8
@@ -353,6 +353,15 @@ def test_mnist_reads_raw_idx_in_torchvision_layout(tmp_path: Path) -> None:
     assert source.classes == [str(i) for i in range(10)]
     assert len(source.train) == 7 and len(source.test) == 3
     assert np.array_equal(source.test.images[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
+
+
+def test_shared_data_dir_never_serves_one_set_for_another(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sources_mod, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
+    write_idx_set(tmp_path / "mnist", gz=False, n_train=6, n_test=2)
+    write_idx_set(tmp_path, gz=False, n_train=5, n_test=2)  # bare files in root: ambiguous
+    with pytest.raises(ConfigError, match="fashion_mnist"):
+        fashion_mnist(root=str(tmp_path), download=False)
+    assert len(mnist(root=str(tmp_path), download=False).train) == 6
 
 
 def test_debian_location_is_searched(tmp_path: Path, monkeypatch) -> None:
@@ -376,8 +385,10 @@ def test_missing_idx_files_say_how_to_get_them(tmp_path: Path, monkeypatch) -> N
 
 
 def test_corrupt_idx_is_a_config_error(tmp_path: Path) -> None:
-    write_idx_set(tmp_path, gz=False, n_train=3, n_test=2)
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    write_idx_set(tmp_path / "mnist", gz=False, n_train=3, n_test=2)
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(
+        b"\x00\x00\x08\x01\x00\x00\x00\x05ab"
+    )
     with pytest.raises(ConfigError, match="file size disagrees"):
         mnist(root=str(tmp_path), download=False)
 

@@ -98,3 +98,82 @@ def test_short_fit_keeps_teachers_frozen_and_resumes(tiny_teachers, tmp_path):
     )
     res2 = amalgamate(cfg2)
     assert res2["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_training_step_never_sees_a_label(tiny_teachers, tmp_path, monkeypatch):
+    from amalgam.module import AmalgamModule
+
+    seen = []
+    original = AmalgamModule.training_step
+
+    def spy(self, batch, batch_idx):
+        seen.append(sorted(batch) if isinstance(batch, dict) else type(batch).__name__)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(AmalgamModule, "training_step", spy)
+    cfg = make_cfg(
+        "amalgamate", ["experiment=tiny", "debug=quick", *QUIET], tiny_teachers, tmp_path / "run"
+    )
+    amalgamate(cfg)
+    assert len(seen) == 8 and all(s == ["image", "index"] for s in seen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kd", "scratch", "cfl_no_rec"])
+def test_method_variants_run(tiny_teachers, tmp_path, method):
+    cfg = make_cfg(
+        "amalgamate",
+        ["experiment=tiny", "debug=fast_dev_run", f"method={method}", "optim=sgd", *QUIET],
+        tiny_teachers,
+        tmp_path / "run",
+    )
+    res = amalgamate(cfg)
+    assert res["method"] == method and res["uses_labels"] == (method == "scratch")
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_student_initialised_from_weights_file(tiny_teachers, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from amalgam.build import build_amalgamation
+
+    init = timm.create_model("test_convnext", num_classes=7)
+    sd = {f"model.{k}": v.contiguous() for k, v in init.state_dict().items()}
+    save_file(sd, str(tmp_path / "init.safetensors"))
+    cfg = make_cfg(
+        "amalgamate",
+        ["experiment=tiny", f"student.weights={tmp_path}/init.safetensors"],
+        tiny_teachers,
+        tmp_path / "run",
+    )
+    _, module = build_amalgamation(cfg)
+    got = module.student.model.state_dict()
+    body = [k for k in got if not k.startswith("head.fc")]
+    assert all(torch.equal(got[k], init.state_dict()[k]) for k in body)
+    assert got["head.fc.weight"].shape[0] == 6  # head over the union, not the file's 7
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_is_finished(tiny_teachers, tmp_path):
+    import wandb
+
+    cfg = make_cfg(
+        "amalgamate",
+        [
+            "experiment=tiny",
+            "debug=fast_dev_run",
+            "logger=wandb",
+            "logger.wandb.offline=true",
+            "~callbacks.progress",
+            "+trainer.enable_progress_bar=false",
+        ],
+        tiny_teachers,
+        tmp_path / "run",
+    )
+    amalgamate(cfg)
+    assert wandb.run is None
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

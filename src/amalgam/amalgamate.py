@@ -47,7 +47,7 @@ def amalgamate(cfg: DictConfig) -> dict[str, Any]:
         )
         trainer.fit(module, train, dm.val_dataloader(), ckpt_path=cfg.get("ckpt_path"))
         ckpt = out_dir / "checkpoints" / "final.ckpt"
-        trainer.save_checkpoint(ckpt)
+        trainer.save_checkpoint(ckpt, weights_only=False)
         results: dict[str, Any] = {}
         if trainer.is_global_zero:
             extra = {

@@ -15,8 +15,15 @@ CONF_DIR = os.environ.get("AMALGAM_CONF", str(Path(__file__).resolve().parents[2
 log = logging.getLogger("amalgam")
 
 
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
 def quiet_known_warnings() -> None:
     """Silence warnings that are expected by design (frozen teachers in eval mode, ...)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
     for pattern in (
         r".*module\(s\) in eval mode.*",
         r".*does not have many workers.*",

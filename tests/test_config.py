@@ -1,0 +1,150 @@
+"""Every config composes; bad input fails early with a message that names the fix."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from amalgam.build import build_amalgamation
+from amalgam.tasks import ConfigError
+from amalgam.train_teacher import train_teacher
+from amalgam.utils import CONF_DIR
+from conftest import make_cfg
+
+CONF = Path(CONF_DIR)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+AMALGAM_EXPERIMENTS = ["demo", "tiny"]
+TEACHER_EXPERIMENTS = ["demo_teachers", "tiny_teachers"]
+
+
+def test_experiment_lists_are_complete():
+    assert sorted(AMALGAM_EXPERIMENTS + TEACHER_EXPERIMENTS) == options("experiment")
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        "data",
+        "teacher_set",
+        "student",
+        "method",
+        "optim",
+        "trainer",
+        "logger",
+        "callbacks",
+        "debug",
+    ],
+)
+def test_every_amalgamate_option_composes(group, tmp_path):
+    for opt in options(group):
+        cfg = make_cfg("amalgamate", [f"{group}={opt}"], tmp_path)
+        OmegaConf.resolve(cfg)
+        assert cfg.seed == 1337
+
+
+@pytest.mark.parametrize("exp", AMALGAM_EXPERIMENTS)
+def test_amalgamate_experiments_compose(exp, tmp_path):
+    cfg = make_cfg("amalgamate", [f"experiment={exp}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    assert cfg.teacher_set and cfg.student.arch and cfg.method._target_
+
+
+@pytest.mark.parametrize("teacher", options("teacher"))
+def test_every_teacher_composes_for_training(teacher, tmp_path):
+    for exp in TEACHER_EXPERIMENTS:
+        cfg = make_cfg("train_teacher", [f"teacher={teacher}", f"experiment={exp}"], tmp_path)
+        OmegaConf.resolve(cfg)
+        assert cfg.teacher.weights.endswith(f"{cfg.teacher.name}.safetensors")
+
+
+def test_evaluate_config_composes(tmp_path):
+    cfg = make_cfg("evaluate", ["ckpt_path=x.ckpt"], tmp_path)
+    assert cfg.ckpt_path == "x.ckpt"
+
+
+def test_method_variants_have_reference_weights(tmp_path):
+    w = {
+        m: make_cfg("amalgamate", [f"method={m}"], tmp_path).method.weights
+        for m in ("cfl", "cfl_no_mmd", "cfl_no_rec", "kd")
+    }
+    assert dict(w["cfl"]) == {"kd": 1.0, "mmd": 10.0, "rec": 10.0}
+    assert w["cfl_no_mmd"].mmd == 0 and w["cfl_no_mmd"].rec == 10
+    assert w["cfl_no_rec"].rec == 0 and w["cfl_no_rec"].mmd == 10
+    assert dict(w["kd"]) == {"kd": 1.0}
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    with pytest.raises(ConfigCompositionException, match=r"optim\.lrr"):
+        make_cfg("amalgamate", ["optim.lrr=0.1"], tmp_path)
+    msg = r"Could not override 'method\.tempreature'"
+    with pytest.raises(ConfigCompositionException, match=msg):
+        make_cfg("amalgamate", ["method.tempreature=2"], tmp_path)
+
+
+def teacher_cfg(tmp_path, *overrides):
+    return make_cfg(
+        "train_teacher",
+        ["teacher=tiny_a", "experiment=tiny_teachers", "logger=none", "callbacks=none", *overrides],
+        tmp_path,
+    )
+
+
+def test_unknown_arch_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="unknown architecture 'resnet181'"):
+        train_teacher(teacher_cfg(tmp_path, "teacher.arch=resnet181"))
+
+
+def test_class_absent_from_data_set(tmp_path):
+    with pytest.raises(ConfigError, match="class 'zebra' is not in the data set"):
+        train_teacher(teacher_cfg(tmp_path, "teacher.classes=[c0,zebra]"))
+
+
+def test_empty_task(tmp_path):
+    with pytest.raises(ConfigError, match="empty class list"):
+        train_teacher(teacher_cfg(tmp_path, "teacher.classes=[]"))
+
+
+def test_missing_teacher_weights_names_the_fix(tmp_path):
+    cfg = make_cfg("amalgamate", ["experiment=tiny"], tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"teacher 'tiny_a'.*not found.*train_teacher teacher=tiny_a"
+    ):
+        build_amalgamation(cfg)
+
+
+def test_unknown_student_arch(tiny_teachers):
+    cfg = make_cfg("amalgamate", ["experiment=tiny", "student.arch=convnext_tinyy"], tiny_teachers)
+    with pytest.raises(ConfigError, match=r"student\.arch.*convnext_tiny"):
+        build_amalgamation(cfg)
+
+
+def test_teacher_classes_must_match_its_file(tiny_teachers):
+    cfg = make_cfg(
+        "amalgamate", ["experiment=tiny", "teacher_set.tiny_a.classes=[0,1,3]"], tiny_teachers
+    )
+    with pytest.raises(ConfigError, match="differ from the classes its file was trained on"):
+        build_amalgamation(cfg)
+
+
+def test_head_size_differs_from_class_list(tiny_teachers, tmp_path):
+    import shutil
+
+    w = tmp_path / "nometa.safetensors"
+    shutil.copy(tiny_teachers / "teachers" / "tiny_a.safetensors", w)  # no sidecar metadata
+    cfg = make_cfg(
+        "amalgamate",
+        [
+            "experiment=tiny",
+            f"teacher_set.tiny_a.weights={w}",
+            "teacher_set.tiny_a.classes=[0,1,2,3]",
+        ],
+        tiny_teachers,
+    )
+    with pytest.raises(ConfigError, match="head 'fc' has 3 outputs but the class list has 4"):
+        build_amalgamation(cfg)

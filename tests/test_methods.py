@@ -1,0 +1,166 @@
+import pytest
+import timm
+import torch
+
+from amalgam.backbone import Backbone
+from amalgam.evaluation import AmalgamAccuracy
+from amalgam.methods import CFL, KD, CommonFeatureBlock, Scratch, concat_teacher_logits
+from amalgam.module import AmalgamModule, images_of
+from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.teachers import TeacherMeta, export_teacher, load_teacher_bank
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bank")
+    torch.manual_seed(0)
+    specs = {
+        "a": ("test_resnet", ["a0", "a1", "a2"], None),
+        "b": ("test_efficientnet", ["b0", "b1"], 24),
+    }
+    entries = {}
+    for name, (arch, classes, size) in specs.items():
+        m = timm.create_model(arch, num_classes=len(classes))
+        p = export_teacher(
+            m, TeacherMeta(name=name, arch=arch, classes=classes, input_size=size), d
+        )
+        entries[name] = {"weights": str(p)}
+    return load_teacher_bank(entries)
+
+
+def student(k=5):
+    torch.manual_seed(1)
+    return Backbone(timm.create_model("test_convnext", num_classes=k), input_size=32)
+
+
+def shapes(bank, s, size=16):
+    return (
+        s.feature_shapes(size, 3),
+        {n: t.feature_shapes(size, 3) for n, t in bank.teachers.items()},
+    )
+
+
+@pytest.mark.parametrize("method", ["cfl", "cfl_pooled", "cfl_bn_interp", "kd"])
+def test_terms_finite_with_gradient_on_student_and_block_not_teachers(bank, method):
+    s = student()
+    ss, ts = shapes(bank, s)
+    if method == "kd":
+        m = KD(bank.space)
+    else:
+        kw = {
+            "cfl_pooled": {"pooled": True},
+            "cfl_bn_interp": {"batchnorm": True, "resize": "interpolate", "spatial_size": 2},
+        }
+        m = CFL(bank.space, ss, ts, hidden=8, **kw.get(method, {}))
+    module = AmalgamModule(bank, s, m, {"lr": 1e-3})
+    x = torch.rand(6, 3, 16, 16)
+    terms = module.losses(x)
+    want = {"kd"} if method == "kd" else {"kd", "mmd", "rec"}
+    assert set(terms) == want
+    for name, v in terms.items():
+        assert torch.isfinite(v) and v.dtype == torch.float32, name
+    # each term separately reaches what it should
+    for name, v in terms.items():
+        module.zero_grad(set_to_none=True)
+        v.backward(retain_graph=True)
+        if name in ("kd", "mmd"):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.parameters()), name
+        if name in ("mmd", "rec"):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()), name
+        assert all(p.grad is None for p in bank.parameters()), name
+    if method != "kd":
+        # the MMD gradient also reaches the teacher-side align layers of the block
+        module.zero_grad(set_to_none=True)
+        terms["mmd"].backward(retain_graph=True)
+        assert m.blocks[0].align_t[0][0].weight.grad.abs().sum() > 0
+        assert m.blocks[0].extractor[0].body[0].weight.grad.abs().sum() > 0
+
+
+def test_optimizer_excludes_teachers(bank):
+    s = student()
+    ss, ts = shapes(bank, s)
+    module = AmalgamModule(bank, s, CFL(bank.space, ss, ts, hidden=8), {"lr": 1e-3})
+
+    class T:  # the two trainer attributes configure_optimizers reads
+        estimated_stepping_batches = 10
+        max_epochs = 1
+
+    module._trainer = T()
+    opt = module.configure_optimizers()["optimizer"]
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not ids & {id(p) for p in bank.parameters()}
+    assert ids == {id(p) for p in list(s.parameters()) + list(module.method.parameters())}
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"body": 1e-3, "head": 1e-3, "method": 1e-3}
+    sd = module.state_dict()
+    assert sd and not [k for k in sd if k.startswith("teachers.")]
+    module.train()
+    assert module.student.training and not any(t.training for t in bank.modules())
+
+
+def test_block_brings_heterogeneous_maps_to_one_size():
+    blk = CommonFeatureBlock((8, 4, 4), [(6, 2, 2), (5, 7, 7)], hidden=4)
+    hs, hts, recs, tg = blk(
+        torch.rand(3, 8, 4, 4), [torch.rand(3, 6, 2, 2), torch.rand(3, 5, 7, 7)]
+    )
+    assert hs.shape == (3, 4, 2, 2) and [h.shape for h in hts] == [(3, 4, 2, 2)] * 2
+    assert [r.shape for r in recs] == [(3, 6, 2, 2), (3, 5, 2, 2)]
+    assert [t.shape for t in tg] == [(3, 6, 2, 2), (3, 5, 2, 2)]
+    # the extractor is one module shared by every network
+    assert (
+        sum(isinstance(m, torch.nn.Sequential) and m is blk.extractor for m in blk.modules()) == 1
+    )
+    blk3 = CommonFeatureBlock(
+        (8, 4, 4), [(6, 2, 2)], hidden=4, spatial_size=3, resize_rule="interpolate"
+    )
+    assert blk3(torch.rand(2, 8, 4, 4), [torch.rand(2, 6, 2, 2)])[0].shape == (2, 4, 3, 3)
+    with pytest.raises(ConfigError, match="resize"):
+        CommonFeatureBlock((8, 4, 4), [(6, 2, 2)], resize_rule="nearest-ish")
+
+
+def test_kd_target_is_softmax_of_concatenated_logits(bank):
+    la, lb = torch.randn(4, 3), torch.randn(4, 2)
+    cat = concat_teacher_logits([la, lb], bank.space)
+    assert torch.equal(cat, torch.cat([la, lb], 1))
+    overlap = LabelSpace.from_mapping({"a": ["x", "y"], "b": ["y", "z"]})
+    with pytest.raises(ConfigError, match="overlapping"):
+        concat_teacher_logits([la[:, :2], lb], overlap)
+
+
+def test_scratch_is_marked_as_using_labels():
+    sp = LabelSpace.from_mapping({"a": ["x", "y"]})
+    m = Scratch(sp)
+    assert m.uses_labels and not m.uses_teachers and not KD(sp).uses_labels
+    assert not CFL.uses_labels
+
+
+def test_amalgamation_batches_refuse_labels():
+    x = torch.rand(2, 3, 8, 8)
+    assert images_of({"image": x, "index": torch.arange(2)}) is x
+    with pytest.raises(ValueError, match="images and ids only"):
+        images_of({"image": x, "label": torch.zeros(2)})
+    with pytest.raises(TypeError, match="unlabeled batches"):
+        images_of((x, torch.zeros(2)))
+
+
+def test_amalgam_accuracy_matches_brute_force():
+    space = LabelSpace.from_mapping({"a": ["p", "q", "r"], "b": ["s", "t"]})
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 5, generator=g)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    m = AmalgamAccuracy(space)
+    m.update(logits[:70], labels[:70])
+    m.update(logits[70:], labels[70:])
+    got = m.compute()
+    for name, idx in (("a", [0, 1, 2]), ("b", [3, 4])):
+        rows = [i for i in range(200) if int(labels[i]) in idx]
+        ok = sum(idx[int(logits[i, idx].argmax())] == int(labels[i]) for i in rows)
+        assert float(got[name]) == pytest.approx(ok / len(rows))
+    assert float(got["joint"]) == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    # class ids beyond 255 do not wrap (the reference's uint8 defect)
+    big = LabelSpace.from_mapping({"t": [f"c{i}" for i in range(300)]})
+    mb = AmalgamAccuracy(big)
+    lg = torch.zeros(1, 300)
+    lg[0, 290] = 1
+    mb.update(lg, torch.tensor([290]))
+    assert float(mb.compute()["joint"]) == 1.0
