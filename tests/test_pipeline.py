@@ -1,6 +1,8 @@
 """End to end on generated images: train teachers, amalgamate, evaluate the checkpoint."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,10 +65,15 @@ def test_fast_dev_run_amalgamation_writes_full_results(tiny_teachers, tmp_path):
     rec = ckpt["amalgam"]["teachers"]
     assert rec["tiny_a"]["meta"]["sha256"] == on_disk["teacher_hashes"]["tiny_a"]
 
-    # evaluate on the checkpoint reproduces the results exactly
-    again = evaluate_checkpoint(on_disk["checkpoint"], tmp_path / "eval")
+    # `python -m amalgam.evaluate` on the checkpoint reproduces the results exactly
+    cmd = [sys.executable, "-m", "amalgam.evaluate", f"ckpt_path={on_disk['checkpoint']}",
+           f"output_dir={tmp_path / 'eval'}", f"paths.root_dir={tmp_path}"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+    again = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert again["tasks"] == on_disk["tasks"]
     assert again["joint"] == on_disk["joint"]
+    # and so does the Python API
+    assert evaluate_checkpoint(on_disk["checkpoint"], tmp_path / "eval2")["joint"] == again["joint"]
 
 
 @pytest.mark.slow

@@ -71,9 +71,8 @@ def evaluate_checkpoint(
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate_checkpoint(
-        cfg.ckpt_path, cfg.get("output_dir"), OmegaConf.to_container(cfg.get("overrides") or {})
-    )
+    overrides = OmegaConf.to_container(cfg.overrides) if cfg.get("overrides") else None
+    evaluate_checkpoint(cfg.ckpt_path, cfg.get("output_dir"), overrides)
 
 
 if __name__ == "__main__":

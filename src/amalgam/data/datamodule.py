@@ -1,0 +1,403 @@
+"""Data module: per-task labeled loaders and the label-free amalgamation loader."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from amalgam.data.sources import Source, Split, load_image
+from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
+
+SplitName = Literal["train", "val", "test"]
+UNLABELED_POLICIES = ("union", "all")
+
+
+def to_model_input(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """uint8 (0..255) or float (0..1) [B, C, H, W] -> float32 [B, channels, size, size] in [0, 1].
+
+    1 -> n channels repeats, n -> 1 averages; resizing is bilinear with antialiasing.
+    """
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    if x.shape[1] != channels and channels == 1:
+        x = x.mean(dim=1, keepdim=True)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    if x.shape[1] != channels:
+        if x.shape[1] != 1:
+            raise ConfigError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+        x = x.repeat(1, channels, 1, 1)
+    return x
+
+
+def augment_batch(x: torch.Tensor, pad: int = 4, hflip: bool = True) -> torch.Tensor:
+    """Per-image random crop of the reflect-padded batch, and a random horizontal flip."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    rows = torch.randint(0, 2 * pad + 1, (b, 1)) + torch.arange(h)
+    cols = torch.randint(0, 2 * pad + 1, (b, 1)) + torch.arange(w)
+    out = padded[
+        torch.arange(b)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+    if hflip:
+        flip = torch.rand(b) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How images are handed to models: channels, square size, optional training augmentation."""
+
+    channels: int
+    size: int
+    augment: bool = False
+    hflip: bool = True
+    pad: int = 4
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(images, self.channels, self.size)
+        return augment_batch(x, self.pad, self.hflip) if self.augment else x
+
+
+class UnlabeledImages(Dataset):
+    """Images of a split at `indices`; samples are {"image", "index"}. Holds no labels at all."""
+
+    def __init__(self, split: Split, indices: torch.Tensor, fmt: ImageFormat) -> None:
+        self.images = split.images
+        self.paths = split.paths
+        self.indices = indices.long()
+        self.fmt = fmt
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float images [B, C, S, S], split indices [B]) for dataset positions."""
+        idx = self.indices[torch.as_tensor(positions, dtype=torch.long)]
+        if self.images is not None:
+            return self.fmt(self.images[idx]), idx
+        assert self.paths is not None
+        c, s = self.fmt.channels, self.fmt.size
+        blocks = [to_model_input(load_image(self.paths[i])[None], c, s) for i in idx.tolist()]
+        x = torch.cat(blocks) if blocks else torch.empty(0, c, s, s)
+        return (augment_batch(x, self.fmt.pad, self.fmt.hflip) if self.fmt.augment else x), idx
+
+    def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
+        x, idx = self.load(positions)
+        return [{"image": img, "index": i} for img, i in zip(x, idx.tolist())]
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.__getitems__([position])[0]
+
+
+class LabeledImages(UnlabeledImages):
+    """Images of a split at `indices` with `labels` (aligned with indices); samples are tuples."""
+
+    def __init__(
+        self, split: Split, indices: torch.Tensor, labels: torch.Tensor, fmt: ImageFormat
+    ) -> None:
+        super().__init__(split, indices, fmt)
+        if len(labels) != len(indices):
+            raise ValueError("labels and indices must have the same length")
+        self.labels = labels.long()
+
+    def __getitems__(  # type: ignore[override]
+        self, positions: Sequence[int]
+    ) -> list[tuple[torch.Tensor, int]]:
+        x, _ = self.load(positions)
+        labels = self.labels[torch.as_tensor(positions, dtype=torch.long)].tolist()
+        return list(zip(x, labels))
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:  # type: ignore[override]
+        return self.__getitems__([position])[0]
+
+
+def stratified_split(
+    targets: torch.Tensor, val_fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted (train, val) indices; each class sends round(val_fraction * n_class) to val."""
+    train, val = [], []
+    for c in torch.unique(targets).tolist():
+        idx = torch.nonzero(targets == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_val = round(val_fraction * len(idx))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    empty = torch.empty(0, dtype=torch.long)
+    return torch.cat(train or [empty]).sort().values, torch.cat(val or [empty]).sort().values
+
+
+def _subset(idx: torch.Tensor, limit: int | None, generator: torch.Generator) -> torch.Tensor:
+    if limit is None or len(idx) <= limit:
+        return idx
+    return idx[torch.randperm(len(idx), generator=generator)[:limit]].sort().values
+
+
+def _class_list(spec: Any) -> list[str | int]:
+    """Plain list of names and Python ints (numpy integers and OmegaConf lists accepted)."""
+    if spec is None:
+        return []
+    return [
+        int(c) if isinstance(c, numbers.Integral) and not isinstance(c, bool) else c for c in spec
+    ]
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class AmalgamDataModule(L.LightningDataModule):
+    """Serves a source's images for amalgamation: labeled per task, unlabeled for the student.
+
+    `source` is a Source or a zero-argument callable returning one (loaded on first need).
+    `tasks` maps teacher names to class names or indices of the source's classes.
+    `unlabeled`: "union" trains the student on images whose class is in some task, "all" on
+    every training image. The source's train split is split into train/val (stratified, from
+    `seed`); the test split is the source's. Val/test loaders keep only union classes.
+    """
+
+    def __init__(
+        self,
+        source: Source | Callable[[], Source],
+        tasks: Mapping[str, Sequence[str | int]],
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        augment: bool = False,
+        hflip: bool = True,
+        unlabeled: str = "union",
+        train_limit: int | None = None,
+        test_limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("image_size", image_size, 5 if augment else 1)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("eval_batch_size", eval_batch_size, 1, optional=True)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("train_limit", train_limit, 1, optional=True)
+        _check_int("test_limit", test_limit, 1, optional=True)
+        if channels not in (1, 3) or isinstance(channels, bool):
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels!r}")
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        if unlabeled not in UNLABELED_POLICIES:
+            raise ConfigError(
+                f"data.unlabeled must be one of {UNLABELED_POLICIES}, got {unlabeled!r}: 'union' "
+                "uses training images of the tasks' classes, 'all' every training image"
+            )
+        if not isinstance(tasks, Mapping):
+            raise ConfigError(f"tasks must map task names to class lists, got {type(tasks)}")
+        for name, spec in tasks.items():
+            if spec is not None and (
+                isinstance(spec, str | bytes) or not hasattr(spec, "__iter__")
+            ):
+                raise ConfigError(f"task '{name}': give a list of classes, got {spec!r}")
+        if not isinstance(source, Source) and not callable(source):
+            raise ConfigError(f"data.source must be a Source or a callable, got {type(source)}")
+        self.tasks_spec = {str(k): _class_list(v) for k, v in tasks.items()}
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.augment = augment
+        self.hflip = hflip
+        self.unlabeled = unlabeled
+        self.train_limit = train_limit
+        self.test_limit = test_limit
+        self._factory = None if isinstance(source, Source) else source
+        self._source = source if isinstance(source, Source) else None
+        self._space: LabelSpace | None = None
+        self._union_of = torch.empty(0, dtype=torch.long)
+        self._indices: dict[str, torch.Tensor] = {}
+        if self._source is not None:
+            self.prepare()
+
+    # ------------------------------------------------------------------ preparation
+
+    def prepare(self) -> Source:
+        """Load the source (once) and resolve tasks, label space and splits."""
+        if self._source is None:
+            assert self._factory is not None
+            source = self._factory()
+            if not isinstance(source, Source):
+                raise ConfigError(f"data.source returned {type(source)}, not a Source")
+            self._source = source
+        if self._space is None:
+            self._build(self._source)
+        return self._source
+
+    def prepare_data(self) -> None:
+        self.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def _build(self, source: Source) -> None:
+        classes = source.classes
+        resolved = {t: resolve_classes(s, classes, t) for t, s in self.tasks_spec.items()}
+        space = LabelSpace.from_mapping(resolved)
+        union_of = torch.full((len(classes),), -1, dtype=torch.long)
+        for i, c in enumerate(space.classes):
+            union_of[classes.index(c)] = i
+        g = torch.Generator().manual_seed(self.seed)
+        train, val = stratified_split(source.train.targets, self.val_fraction, g)
+        in_union = union_of[source.train.targets] >= 0
+        if self.unlabeled == "union":
+            train = train[in_union[train]]
+        val = val[in_union[val]]
+        test = torch.arange(len(source.test))
+        test = test[union_of[source.test.targets[test]] >= 0]
+        if self.train_limit is not None:
+            train = _subset(train, self.train_limit, g)
+            ratio = self.val_fraction / (1 - self.val_fraction)
+            val = _subset(val, math.ceil(self.train_limit * ratio), g)
+        test = _subset(test, self.test_limit, g)
+        self._check_train_counts(source, space, classes, train)
+        self._space, self._union_of = space, union_of
+        self._indices = {"train": train, "val": val, "test": test}
+
+    def _check_train_counts(
+        self, source: Source, space: LabelSpace, classes: list[str], train: torch.Tensor
+    ) -> None:
+        counts = torch.bincount(source.train.targets[train], minlength=len(classes))
+        for task in space.tasks:
+            empty = [c for c in task.classes if counts[classes.index(c)] == 0]
+            if empty:
+                raise ConfigError(
+                    f"task '{task.name}': classes {empty} have no training images in source "
+                    f"'{source.name}' (after the val split and train_limit={self.train_limit}); "
+                    "drop them from the task or use more data"
+                )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Drop a re-loadable source when pickled (DDP spawn); it is reloaded on first need."""
+        state = self.__dict__.copy()
+        if self._factory is not None:
+            state["_source"] = None
+        return state
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def source(self) -> Source:
+        return self.prepare()
+
+    @property
+    def label_space(self) -> LabelSpace:
+        self.prepare()
+        assert self._space is not None
+        return self._space
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Union classes, in union label order."""
+        return self.label_space.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.label_space.num_classes
+
+    def indices(self, split: SplitName) -> torch.Tensor:
+        """Image ids of `split`: train = the unlabeled pool (per `unlabeled`), val/test = union."""
+        self.prepare()
+        if split not in self._indices:
+            raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        return self._indices[split]
+
+    def union_labels(self, split: SplitName, indices: torch.Tensor) -> torch.Tensor:
+        """Union label of each image id of `split` (-1 for images outside the union)."""
+        return self._union_of[self._split(split).targets[indices]]
+
+    def sizes(self) -> dict[str, int]:
+        train = self.indices("train")
+        labeled = int((self.union_labels("train", train) >= 0).sum())
+        return {
+            "train": len(train),
+            "labeled_train": labeled,
+            "val": len(self.indices("val")),
+            "test": len(self.indices("test")),
+            "source_train": len(self.source.train),
+            "source_test": len(self.source.test),
+        }
+
+    def _split(self, split: SplitName) -> Split:
+        source = self.prepare()
+        return source.test if split == "test" else source.train
+
+    def _format(self, train: bool) -> ImageFormat:
+        return ImageFormat(self.channels, self.image_size, self.augment and train, self.hflip)
+
+    # ------------------------------------------------------------------ loaders
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def _labeled(self, split: SplitName, labels_of: torch.Tensor) -> LabeledImages:
+        """Images of `split` whose source class c has labels_of[c] >= 0, labeled labels_of[c]."""
+        idx = self.indices(split)
+        labels = labels_of[self._split(split).targets[idx]]
+        keep = labels >= 0
+        fmt = self._format(split == "train")
+        return LabeledImages(self._split(split), idx[keep], labels[keep], fmt)
+
+    def task_dataloader(self, task: str, split: SplitName = "train") -> DataLoader:
+        """Labeled loader of one task's images; labels 0..len(task)-1 in the task's class order."""
+        space = self.label_space
+        if task not in space.names:
+            raise ConfigError(f"unknown task '{task}'; tasks are {space.names}")
+        classes = self.source.classes
+        task_of = torch.full((len(classes),), -1, dtype=torch.long)
+        for j, c in enumerate(space.task(task).classes):
+            task_of[classes.index(c)] = j
+        return self._loader(self._labeled(split, task_of), train=split == "train")
+
+    def train_dataloader(self) -> DataLoader:
+        """Unlabeled amalgamation loader: batches {"image": [B, C, S, S], "index": [B]}."""
+        ds = UnlabeledImages(self._split("train"), self.indices("train"), self._format(True))
+        return self._loader(ds, train=True)
+
+    def labeled_train_dataloader(self) -> DataLoader:
+        """Training images of union classes with union labels (supervised upper bound only)."""
+        return self._loader(self._labeled("train", self._union_of), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._labeled("val", self._union_of), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._labeled("test", self._union_of), train=False)

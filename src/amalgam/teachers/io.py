@@ -1,0 +1,204 @@
+"""Teacher files: safe weight loading, export as safetensors + JSON metadata, and load-back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from amalgam.backbone import Backbone, classifier_prefix, create_timm, default_norm
+from amalgam.tasks import ConfigError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class TeacherMeta:
+    """What a teacher file needs besides its tensors to be rebuilt and used."""
+
+    name: str
+    arch: str
+    classes: list[str]
+    in_chans: int = 3
+    input_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+    test_acc: float | None = None
+    data: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TeacherMeta:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def state_dict_hash(sd: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of every tensor, in sorted key order."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def module_hash(model: nn.Module) -> str:
+    return state_dict_hash(model.state_dict())
+
+
+def meta_path(weights: str | os.PathLike) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def read_weights(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Load a tensor dict without ever unpickling code: safetensors, or torch with weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file '{path}' not found: check the path in the config")
+    try:
+        if path.suffix == ".safetensors":
+            sd: Any = load_file(str(path))
+        elif path.suffix in TORCH_SUFFIXES:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            raise ConfigError(
+                f"{what} file '{path}': unknown suffix '{path.suffix}'; use .safetensors "
+                f"(preferred) or a torch file ({', '.join(TORCH_SUFFIXES)}) saved with tensors only"
+            )
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure here means an unusable file
+        raise ConfigError(
+            f"{what} file '{path}' cannot be read safely ({type(e).__name__}: {str(e)[:200]}). "
+            f"It is truncated, corrupt, or needs full pickle (refused: untrusted code). "
+            f"Re-export it as safetensors."
+        ) from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"{what} file '{path}' does not hold a flat dict of tensors")
+    return dict(sd)
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], model_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Drop the prefix that wrappers add ('model.', 'module.', 'student.model.', ...)."""
+    keys = set(model_keys)
+    if keys & set(sd):
+        return dict(sd)
+    votes: Counter[str] = Counter()
+    for k in sd:
+        for mk in keys:
+            if k.endswith("." + mk):
+                votes[k[: -len(mk)]] += 1
+    if not votes:
+        return dict(sd)
+    prefix = votes.most_common(1)[0][0]
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], num_classes: int, who: str) -> None:
+    """Strictly load `sd` into `model`, with errors that say what does not fit."""
+    expected = model.state_dict()
+    sd = strip_prefix(sd, list(expected))
+    head = classifier_prefix(model)
+    hw = sd.get(f"{head}.weight")
+    if hw is not None and hw.shape[0] != num_classes:
+        raise ConfigError(
+            f"{who}: the head '{head}' has {hw.shape[0]} outputs but the class list has "
+            f"{num_classes} classes: fix the class list or use the right weights file"
+        )
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(sd) & set(expected))
+        if sd[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ConfigError(
+            f"{who}: the weights do not fit the architecture. missing keys {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}. "
+            f"Check the architecture name and the weights file."
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def export_teacher(model: nn.Module, meta: TeacherMeta, directory: str | os.PathLike) -> Path:
+    """Write `<name>.safetensors` and `<name>.json`; returns the weights path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta.sha256 = state_dict_hash(sd)
+    if meta.mean is None or meta.std is None:
+        meta.mean, meta.std = default_norm(model)
+    path = directory / f"{meta.name}.safetensors"
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(sd, str(tmp), metadata={"amalgam": json.dumps(asdict(meta))})
+    os.replace(tmp, path)
+    mtmp = meta_path(path).with_suffix(".json.tmp")
+    mtmp.write_text(json.dumps(asdict(meta), indent=2))
+    os.replace(mtmp, meta_path(path))
+    return path
+
+
+def read_meta(weights: str | os.PathLike) -> dict[str, Any] | None:
+    p = meta_path(weights)
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"teacher metadata '{p}' is not valid JSON ({e}); re-export it") from e
+
+
+def resolve_meta(name: str, weights: str | os.PathLike, **overrides: Any) -> TeacherMeta:
+    """Metadata from the sidecar JSON when it exists, with config values filling or overriding."""
+    base = read_meta(weights) or {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**base, **given, "name": name}
+    for key in ("arch", "classes"):
+        if not merged.get(key):
+            raise ConfigError(
+                f"teacher '{name}': '{key}' is unknown: there is no metadata file "
+                f"'{meta_path(weights)}', so set teacher.{key} in its config"
+            )
+    merged["classes"] = [str(c) for c in merged["classes"]]
+    if len(merged["classes"]) == 0:
+        raise ConfigError(f"teacher '{name}': empty class list")
+    return TeacherMeta.from_dict(merged)
+
+
+def build_teacher(meta: TeacherMeta, weights: str | os.PathLike, feature_indices=(-1,)) -> Backbone:
+    """Rebuild a frozen teacher from its weights file; checks the head size and the hash."""
+    who = f"teacher '{meta.name}' ({weights})"
+    model = create_timm(
+        meta.arch, len(meta.classes), meta.in_chans, key=f"teacher.{meta.name}.arch",
+        **meta.model_kwargs,
+    )
+    sd = read_weights(weights, what=f"teacher '{meta.name}' weights")
+    load_into(model, sd, len(meta.classes), who)
+    digest = module_hash(model)
+    if meta.sha256 and digest != meta.sha256:
+        raise ConfigError(
+            f"{who}: weight hash {digest[:12]} differs from its metadata ({meta.sha256[:12]}): "
+            f"the file changed after export; re-export it or delete the stale metadata"
+        )
+    meta.sha256 = digest
+    teacher = Backbone(model, meta.in_chans, meta.input_size, meta.mean, meta.std, feature_indices)
+    teacher.requires_grad_(False).eval()
+    return teacher
