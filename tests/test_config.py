@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -39,6 +41,7 @@ def test_experiment_lists_are_complete():
         "logger",
         "callbacks",
         "debug",
+        "sweep",
     ],
 )
 def test_every_amalgamate_option_composes(group, tmp_path):
@@ -61,6 +64,18 @@ def test_every_teacher_composes_for_training(teacher, tmp_path):
         cfg = make_cfg("train_teacher", [f"teacher={teacher}", f"experiment={exp}"], tmp_path)
         OmegaConf.resolve(cfg)
         assert cfg.teacher.weights.endswith(f"{cfg.teacher.name}.safetensors")
+
+
+@pytest.mark.parametrize("launcher", ["local_parallel", "slurm", "submitit_local", "joblib"])
+def test_launchers_compose(launcher, tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "amalgamate", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True
+        )
+    assert "_target_" in cfg.hydra.launcher
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.max_num_timeout == 3 and cfg.hydra.launcher.tasks_per_node == 1
 
 
 def test_evaluate_config_composes(tmp_path):

@@ -583,3 +583,17 @@ def test_builtin_configs_load_real_data(name: str, tmp_path: Path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image", "index"} and batch["image"].shape[1:] == (3, 16, 16)
     assert set(dm.source.train.targets[batch["index"]].tolist()) <= {0, 1, 2, 7, 8}
+
+
+def test_epoch_shuffle_depends_only_on_seed_and_epoch() -> None:
+    from amalgam.data.datamodule import EpochShuffle
+
+    a, b = EpochShuffle(50, seed=3), EpochShuffle(50, seed=3)
+    first = list(a)
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    a.set_epoch(1)
+    second = list(a)
+    assert second != first
+    b.set_epoch(1)  # a fresh sampler (a resumed run) at epoch 1 gives the same order
+    assert list(b) == second
+    assert list(EpochShuffle(50, seed=4)) != first

@@ -66,8 +66,14 @@ def test_fast_dev_run_amalgamation_writes_full_results(tiny_teachers, tmp_path):
     assert rec["tiny_a"]["meta"]["sha256"] == on_disk["teacher_hashes"]["tiny_a"]
 
     # `python -m amalgam.evaluate` on the checkpoint reproduces the results exactly
-    cmd = [sys.executable, "-m", "amalgam.evaluate", f"ckpt_path={on_disk['checkpoint']}",
-           f"output_dir={tmp_path / 'eval'}", f"paths.root_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "amalgam.evaluate",
+        f"ckpt_path={on_disk['checkpoint']}",
+        f"output_dir={tmp_path / 'eval'}",
+        f"paths.root_dir={tmp_path}",
+    ]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
     again = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert again["tasks"] == on_disk["tasks"]
@@ -184,3 +190,28 @@ def test_wandb_offline_run_is_finished(tiny_teachers, tmp_path):
     assert wandb.run is None
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_gpu_switches_keep_checkpoint_keys(tiny_teachers, tmp_path):
+    from amalgam.build import build_amalgamation
+
+    plain = make_cfg("amalgamate", ["experiment=tiny"], tiny_teachers, tmp_path / "a")
+    fast = make_cfg(
+        "amalgamate",
+        ["experiment=tiny", "student.compile=true", "student.channels_last=true"],
+        tiny_teachers,
+        tmp_path / "b",
+    )
+    keys = set(build_amalgamation(plain)[1].state_dict())
+    _, module = build_amalgamation(fast)
+    assert set(module.state_dict()) == keys
+    assert not [k for k in keys if "_orig_mod" in k]
+    # channels_last alone runs end to end on the CPU
+    cl = make_cfg(
+        "amalgamate",
+        ["experiment=tiny", "debug=fast_dev_run", "student.channels_last=true", *QUIET],
+        tiny_teachers,
+        tmp_path / "c",
+    )
+    assert amalgamate(cl)["joint"]["n_test"] > 0

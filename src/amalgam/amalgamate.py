@@ -13,6 +13,13 @@ from omegaconf import DictConfig
 from amalgam import report
 from amalgam.build import build_amalgamation
 from amalgam.evaluation import evaluate, model_stats
+from amalgam.launch import (
+    check_launch,
+    make_loggers,
+    resume_checkpoint,
+    variant_name,
+    wandb_id,
+)
 from amalgam.module import AmalgamModule
 from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
 
@@ -33,37 +40,48 @@ def final_report(
 
 
 def amalgamate(cfg: DictConfig) -> dict[str, Any]:
+    """Train the student on unlabeled images; evaluate and report on rank 0."""
     quiet_known_warnings()
+    check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    resume_from = resume_checkpoint(cfg)
     dm, module = build_amalgamation(cfg)
-    loggers = instantiate_group(cfg.get("logger"))
+    variant = variant_name(cfg)
+    loggers = make_loggers(cfg, variant, resume_from)
+    module.record["wandb_id"] = wandb_id(loggers)
     callbacks = instantiate_group(cfg.get("callbacks"))
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     start = time.time()
+    failed = True
     try:
         train = (
             dm.labeled_train_dataloader() if module.method.uses_labels else dm.train_dataloader()
         )
-        trainer.fit(module, train, dm.val_dataloader(), ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, train, dm.val_dataloader(), ckpt_path=resume_from)
         ckpt = out_dir / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(ckpt, weights_only=False)
         results: dict[str, Any] = {}
         if trainer.is_global_zero:
             extra = {
                 "method": str(cfg.method.get("name", cfg.method._target_.rsplit(".", 1)[-1])),
+                "variant": variant,
                 "uses_labels": bool(module.method.uses_labels),
                 "seed": int(cfg.seed),
                 "student_arch": str(cfg.student.arch),
                 "teacher_archs": {n: m.arch for n, m in module.teachers.metas.items()},
                 "teacher_hashes": module.teachers.hashes(),
                 "epochs": int(trainer.current_epoch),
+                "global_step": int(trainer.global_step),
+                "world_size": int(trainer.world_size),
+                "resumed_from": str(resume_from) if resume_from else None,
                 "train_seconds": round(time.time() - start, 1),
                 "checkpoint": str(ckpt),
             }
             results = final_report(module, dm, out_dir, extra, loggers)
+        failed = False
     finally:
-        finish_loggers(loggers)
+        finish_loggers(loggers, failed)
     return results
 
 

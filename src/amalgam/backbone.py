@@ -78,8 +78,12 @@ class Backbone(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         feature_indices: Sequence[int] = (-1,),
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.in_chans = in_chans
         self.input_size = input_size
@@ -109,7 +113,8 @@ class Backbone(nn.Module):
         size = (self.input_size, self.input_size) if self.input_size else None
         if size and tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: torch.Tensor, features: bool = True) -> ModelOutput:
         x = self.preprocess(x)

@@ -83,14 +83,18 @@ def build_student(cfg: Mapping[str, Any], num_classes: int) -> Backbone:
                 f"student.weights '{cfg['weights']}' does not fit '{cfg['arch']}': missing "
                 f"{body_missing[:5]}, unexpected {list(unexpected)[:5]}"
             )
-    return Backbone(
+    student = Backbone(
         model,
         cfg.get("in_chans", 3),
         cfg.get("input_size"),
         cfg.get("mean"),
         cfg.get("std"),
         cfg.get("feature_indices", (-1,)),
+        channels_last=bool(cfg.get("channels_last", False)),
     )
+    if cfg.get("compile"):
+        student.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
+    return student
 
 
 def build_method(

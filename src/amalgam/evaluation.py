@@ -24,8 +24,8 @@ class AmalgamAccuracy(Metric):
 
     full_state_update = False
 
-    def __init__(self, space: LabelSpace) -> None:
-        super().__init__()
+    def __init__(self, space: LabelSpace, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.space = space
         k, n = space.num_classes, len(space.tasks)
         member = torch.zeros(n, k, dtype=torch.bool)
@@ -94,8 +94,9 @@ def evaluate(
     """Accuracies of student and teachers on the loader's labeled images (union labels)."""
     was = student.training
     student.eval()
-    s_acc = AmalgamAccuracy(space).to(device)
-    t_acc = AmalgamAccuracy(space).to(device)
+    # local to this process: the final report runs on rank 0 alone, never a collective
+    s_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device)
+    t_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device)
     n = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)

@@ -40,16 +40,16 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c and "_target_" in c]
 
 
-def finish_loggers(loggers: list[Any]) -> None:
+def finish_loggers(loggers: list[Any], failed: bool = False) -> None:
     """Close every logger; a wandb run is always finished so sweep jobs never merge."""
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
             if wandb.run is not None:
-                wandb.finish()
+                wandb.finish(exit_code=1 if failed else 0)
         elif hasattr(lg, "finalize"):
             try:
-                lg.finalize("success")
+                lg.finalize("failed" if failed else "success")
             except Exception:
                 log.exception("logger %s failed to finalise", type(lg).__name__)

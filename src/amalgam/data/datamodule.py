@@ -11,7 +11,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from amalgam.data.sources import Source, Split, load_image
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
@@ -70,6 +70,26 @@ class ImageFormat:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = to_model_input(images, self.channels, self.size)
         return augment_batch(x, self.pad, self.hflip) if self.augment else x
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order that depends only on (seed, epoch): a resumed run sees the same batches.
+
+    Lightning calls `set_epoch` at the start of every epoch (and wraps this sampler for DDP).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class UnlabeledImages(Dataset):
@@ -360,8 +380,7 @@ class AmalgamDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            sampler=EpochShuffle(len(dataset), self.seed) if train else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,

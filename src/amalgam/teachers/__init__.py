@@ -12,6 +12,14 @@ from amalgam.teachers.io import (
 )
 
 __all__ = [
-    "TeacherBank", "TeacherMeta", "TeacherOutputs", "build_teacher", "export_teacher",
-    "load_teacher_bank", "module_hash", "read_weights", "resolve_meta", "state_dict_hash",
+    "TeacherBank",
+    "TeacherMeta",
+    "TeacherOutputs",
+    "build_teacher",
+    "export_teacher",
+    "load_teacher_bank",
+    "module_hash",
+    "read_weights",
+    "resolve_meta",
+    "state_dict_hash",
 ]

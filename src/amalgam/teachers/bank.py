@@ -26,8 +26,12 @@ class TeacherOutputs:
 class TeacherBank(nn.Module):
     """Frozen teachers, each with its own preprocessing and class list. Never trained."""
 
-    def __init__(self, teachers: Mapping[str, Backbone], metas: Mapping[str, TeacherMeta],
-                 paths: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        teachers: Mapping[str, Backbone],
+        metas: Mapping[str, TeacherMeta],
+        paths: Mapping[str, str],
+    ) -> None:
         super().__init__()
         if not teachers:
             raise ConfigError("the teacher set is empty: name at least one teacher in teacher_set")
@@ -74,9 +78,15 @@ def load_teacher_bank(
                 f"or point teacher_set.{name}.weights at an existing file"
             )
         meta = resolve_meta(
-            name, weights, arch=cfg.get("arch"), classes=cfg.get("class_names"),
-            in_chans=cfg.get("in_chans"), input_size=cfg.get("input_size"),
-            mean=cfg.get("mean"), std=cfg.get("std"), model_kwargs=cfg.get("model_kwargs"),
+            name,
+            weights,
+            arch=cfg.get("arch"),
+            classes=cfg.get("class_names"),
+            in_chans=cfg.get("in_chans"),
+            input_size=cfg.get("input_size"),
+            mean=cfg.get("mean"),
+            std=cfg.get("std"),
+            model_kwargs=cfg.get("model_kwargs"),
         )
         idx = cfg.get("feature_indices", feature_indices)
         teachers[name] = build_teacher(meta, weights, idx)

@@ -81,7 +81,7 @@ def read_weights(path: str | os.PathLike, what: str = "weights") -> dict[str, to
             )
     except ConfigError:
         raise
-    except Exception as e:  # noqa: BLE001 - every failure here means an unusable file
+    except Exception as e:
         raise ConfigError(
             f"{what} file '{path}' cannot be read safely ({type(e).__name__}: {str(e)[:200]}). "
             f"It is truncated, corrupt, or needs full pickle (refused: untrusted code). "
@@ -94,7 +94,9 @@ def read_weights(path: str | os.PathLike, what: str = "weights") -> dict[str, to
     return dict(sd)
 
 
-def strip_prefix(sd: Mapping[str, torch.Tensor], model_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+def strip_prefix(
+    sd: Mapping[str, torch.Tensor], model_keys: Sequence[str]
+) -> dict[str, torch.Tensor]:
     """Drop the prefix that wrappers add ('model.', 'module.', 'student.model.', ...)."""
     keys = set(model_keys)
     if keys & set(sd):
@@ -187,7 +189,10 @@ def build_teacher(meta: TeacherMeta, weights: str | os.PathLike, feature_indices
     """Rebuild a frozen teacher from its weights file; checks the head size and the hash."""
     who = f"teacher '{meta.name}' ({weights})"
     model = create_timm(
-        meta.arch, len(meta.classes), meta.in_chans, key=f"teacher.{meta.name}.arch",
+        meta.arch,
+        len(meta.classes),
+        meta.in_chans,
+        key=f"teacher.{meta.name}.arch",
         **meta.model_kwargs,
     )
     sd = read_weights(weights, what=f"teacher '{meta.name}' weights")

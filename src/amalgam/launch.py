@@ -1,0 +1,93 @@
+"""What a run knows about how it was launched: its variant name, loggers, resume, DDP checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from amalgam.tasks import ConfigError
+from amalgam.utils import log
+
+
+def hydra_mode() -> RunMode | None:
+    return HydraConfig.get().mode if HydraConfig.initialized() else None
+
+
+def variant_name(cfg: DictConfig) -> str:
+    """The job's overrides minus seed & co. (Hydra's override_dirname), else the method name."""
+    if HydraConfig.initialized():
+        name = HydraConfig.get().job.override_dirname
+        if name:
+            return str(name)
+    return str(cfg.method.get("name", "")) or cfg.method._target_.rsplit(".", 1)[-1]
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Refuse a DDP trainer that would spawn children inside a Hydra multirun (STACK.md)."""
+    t = cfg.trainer
+    strategy = str(t.get("strategy", "auto"))
+    devices = t.get("devices", 1)
+    many = str(devices) not in ("1", "None") or int(t.get("num_nodes", 1) or 1) > 1
+    spawns_children = strategy.startswith("ddp") and "spawn" not in strategy and many
+    if hydra_mode() == RunMode.MULTIRUN and spawns_children and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError(
+            f"trainer.strategy={strategy} with devices={devices} inside a Hydra multirun: "
+            "Lightning would start child processes that re-run the whole sweep. On a cluster use "
+            "hydra/launcher=slurm with tasks_per_node = trainer.devices (one SLURM task per "
+            "device); locally run the jobs one by one, or use trainer.strategy=ddp_spawn"
+        )
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from: ckpt_path, or <run dir>/checkpoints/last.ckpt for 'last'."""
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        return None
+    if str(ckpt) == "last":
+        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        return path if path.is_file() else None
+    path = Path(str(ckpt))
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path '{ckpt}' not found: give a checkpoint file, or 'last'")
+    return path
+
+
+def wandb_id_of(ckpt: Path | None) -> str | None:
+    if ckpt is None:
+        return None
+    rec = torch.load(str(ckpt), map_location="cpu", weights_only=True).get("amalgam", {})
+    return rec.get("wandb_id")
+
+
+def make_loggers(cfg: DictConfig, variant: str, resume_from: Path | None) -> list[Any]:
+    """Instantiate the logger group; wandb runs are grouped by variant and resume their id."""
+    loggers = []
+    for lcfg in (cfg.get("logger") or {}).values():
+        if not lcfg or "_target_" not in lcfg:
+            continue
+        kwargs: dict[str, Any] = {}
+        if str(lcfg._target_).endswith("WandbLogger"):
+            if not lcfg.get("group"):
+                kwargs["group"] = f"{cfg.task_name}/{variant}"
+            if not lcfg.get("name"):
+                kwargs["name"] = f"{variant}/seed{cfg.seed}"
+            run_id = wandb_id_of(resume_from)
+            if run_id:
+                kwargs |= {"id": run_id, "resume": "allow"}
+                log.info("resuming wandb run %s", run_id)
+        loggers.append(hydra.utils.instantiate(lcfg, **kwargs))
+    return loggers
+
+
+def wandb_id(loggers: list[Any]) -> str | None:
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            return str(lg.experiment.id)  # starts the run now, so the id is known
+    return None
