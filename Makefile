@@ -7,13 +7,14 @@ DATA_DIR ?= data
 TEACHERS_DIR ?= teachers
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test test-fast lint format clean demo teachers data
+.PHONY: help install test test-fast lint format clean demo teachers data bench
 
 help:
 	@echo "make install  - create $(VENV) and install amalgam[dev] (idempotent)"
 	@echo "make demo     - get Fashion-MNIST, train two teachers, amalgamate, print the table"
 	@echo "make test     - the whole test suite (slow tests included)"
 	@echo "make test-fast - the tests not marked slow"
+	@echo "make bench    - time teachers / student / full step / cached step on the demo models"
 	@echo "make lint / make format / make clean"
 
 $(STAMP): pyproject.toml
@@ -43,21 +44,23 @@ format: install
 data: install
 	$(BIN)/python -m amalgam.data.fetch fashion_mnist --root $(DATA_DIR)
 
-teachers: data
-	$(BIN)/python -m amalgam.train_teacher experiment=demo_teachers teacher=demo_a
-	$(BIN)/python -m amalgam.train_teacher experiment=demo_teachers teacher=demo_b
-
-demo: install data
-	@start=$$(date +%s); \
-	for t in demo_a demo_b; do \
+teachers: install data
+	@for t in demo_a demo_b; do \
 		if [ -f $(TEACHERS_DIR)/$$t.safetensors ] && [ -f $(TEACHERS_DIR)/$$t.json ]; then \
 			echo "teacher $$t exists: $(TEACHERS_DIR)/$$t.safetensors (delete it to retrain)"; \
 		else \
 			$(BIN)/python -m amalgam.train_teacher experiment=demo_teachers teacher=$$t || exit 1; \
 		fi; \
-	done; \
+	done
+
+demo: install data
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory teachers || exit 1; \
 	$(BIN)/python -m amalgam.amalgamate experiment=demo || exit 1; \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
+
+bench: teachers
+	$(BIN)/python -m amalgam.bench experiment=demo bench.write=docs/PERFORMANCE.md
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

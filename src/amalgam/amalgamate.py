@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from amalgam.launch import (
     wandb_id,
 )
 from amalgam.module import AmalgamModule
+from amalgam.tasks import ConfigError
+from amalgam.teachers.cache import open_or_build
 from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
 
 
@@ -39,6 +42,26 @@ def final_report(
     return results
 
 
+def attach_cache(cfg: DictConfig, dm: Any, module: AmalgamModule) -> None:
+    """With teacher_cache.enabled, teachers run once over the pool instead of every step."""
+    tc = cfg.get("teacher_cache")
+    if not tc or not tc.get("enabled") or not module.method.uses_teachers:
+        return
+    if dm.augment:
+        raise ConfigError(
+            "teacher_cache.enabled=true with data.augment=true: cached augmented views are not "
+            "implemented yet; set data.augment=false or teacher_cache.enabled=false"
+        )
+    module.cache_spec = functools.partial(
+        open_or_build,
+        tc.dir,
+        module.teachers,
+        dm.cache_key(),
+        dm.indices("train"),
+        dm.pool_dataloader,
+    )
+
+
 def amalgamate(cfg: DictConfig) -> dict[str, Any]:
     """Train the student on unlabeled images; evaluate and report on rank 0."""
     quiet_known_warnings()
@@ -47,6 +70,7 @@ def amalgamate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     resume_from = resume_checkpoint(cfg)
     dm, module = build_amalgamation(cfg)
+    attach_cache(cfg, dm, module)
     variant = variant_name(cfg)
     loggers = make_loggers(cfg, variant, resume_from)
     module.record["wandb_id"] = wandb_id(loggers)

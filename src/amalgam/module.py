@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -54,6 +54,10 @@ class AmalgamModule(L.LightningModule):
         self.record = dict(record or {})
         self.space = teachers.space
         self.strict_loading = False
+        # set by the caller to read teacher outputs from a cache: (device, rank, world, barrier)
+        # -> TeacherCache; opened in on_fit_start, once the ranks exist
+        self.cache_spec: Callable[..., Any] | None = None
+        self.cache: Any = None
         self.val_acc = AmalgamAccuracy(self.space)
 
     def train(self, mode: bool = True) -> AmalgamModule:
@@ -73,11 +77,29 @@ class AmalgamModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x, features=False).logits
 
+    def on_fit_start(self) -> None:
+        if self.cache_spec is not None and self.cache is None:
+            self.cache = self.cache_spec(
+                device=self.device,
+                rank=self.global_rank,
+                world=self.trainer.world_size,
+                barrier=self.trainer.strategy.barrier,
+            )
+
     def losses(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Named loss terms; teacher outputs come from the cache when it has `index`."""
         feats = self.method.needs_features
-        t = self.teachers(x, features=feats) if self.method.uses_teachers else None
+        if not self.method.uses_teachers:
+            t = None
+        elif self.cache is not None and index is not None:
+            t = self.cache.lookup(index, x.device, features=feats)
+        else:
+            t = self.teachers(x, features=feats)
         s = self.student(x, features=feats)
         return self.method(s, t, labels)
 
@@ -86,7 +108,7 @@ class AmalgamModule(L.LightningModule):
             x, y = batch
             terms = self.losses(x, y)
         else:
-            terms = self.losses(images_of(batch))
+            terms = self.losses(images_of(batch), index=batch.get("index"))
         loss = torch.stack(list(terms.values())).sum()
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True)

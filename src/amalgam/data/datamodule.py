@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -410,6 +411,24 @@ class AmalgamDataModule(L.LightningDataModule):
         """Unlabeled amalgamation loader: batches {"image": [B, C, S, S], "index": [B]}."""
         ds = UnlabeledImages(self._split("train"), self.indices("train"), self._format(True))
         return self._loader(ds, train=True)
+
+    def pool_dataloader(self) -> DataLoader:
+        """The unlabeled pool in a fixed order, no augmentation (to precompute teacher outputs)."""
+        ds = UnlabeledImages(self._split("train"), self.indices("train"), self._format(False))
+        return self._loader(ds, train=False)
+
+    def cache_key(self) -> dict[str, Any]:
+        """What identifies the pool's images and their view, for teacher-output caches."""
+        ids = self.indices("train")
+        return {
+            "source": self.source.name,
+            "source_train_len": len(self.source.train),
+            "ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            "n": len(ids),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "view": "augment" if self.augment else "identity",
+        }
 
     def labeled_train_dataloader(self) -> DataLoader:
         """Training images of union classes with union labels (supervised upper bound only)."""

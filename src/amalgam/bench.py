@@ -1,0 +1,215 @@
+"""`python -m amalgam.bench experiment=demo`: time the amalgamation step against its bound.
+
+In ONE run, on the same models, batch and data, it times (a) the teachers' forward, (b) the
+student train step alone, (c) the full amalgamation step without cache and (d) with the teacher
+cache, and prints images/s, the ratios c / bound (bound: a and b back to back) and d / c, and
+peak memory. Phases are interleaved over rounds and the median round is reported.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from amalgam.build import build_amalgamation
+from amalgam.losses import soft_target_loss
+from amalgam.methods.base import concat_teacher_logits
+from amalgam.module import AmalgamModule
+from amalgam.teachers.cache import open_or_build
+from amalgam.utils import CONF_DIR, quiet_known_warnings
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[int], Any], steps: int, device: torch.device) -> float:
+    """Seconds per call of fn(i), i over `steps` calls (after the caller's warm-up)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        fn(i)
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU)"
+
+
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    quiet_known_warnings()
+    L.seed_everything(cfg.seed)
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.bench.device != "cpu" else "cpu"
+    )
+    dm, module = build_amalgamation(cfg)
+    module: AmalgamModule = module.to(device)
+    module.train()
+    steps, rounds = int(cfg.bench.steps), int(cfg.bench.rounds)
+    loader = iter(dm.train_dataloader())
+    batches = [next(loader) for _ in range(steps)]
+    xs = [b["image"].to(device) for b in batches]
+    ids = [b["index"] for b in batches]
+    n = xs[0].shape[0]
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4)
+    s_params = [p for p in module.student.parameters() if p.requires_grad]
+    s_opt = torch.optim.Adam(s_params, lr=1e-4)
+    with torch.no_grad():
+        targets = [
+            concat_teacher_logits(module.teachers(x, features=False).logits, module.space)
+            for x in xs
+        ]
+
+    def teachers(i: int) -> None:
+        module.teachers(xs[i], features=module.method.needs_features)
+
+    def student(i: int) -> None:
+        out = module.student(xs[i], features=module.method.needs_features)
+        loss = soft_target_loss(out.logits, targets[i])
+        s_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s_opt.step()
+
+    def full(i: int, cached: bool = False) -> None:
+        terms = module.losses(xs[i], index=ids[i] if cached else None)
+        loss = torch.stack(list(terms.values())).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    module.cache = open_or_build(
+        cfg.teacher_cache.dir,
+        module.teachers,
+        dm.cache_key(),
+        dm.indices("train"),
+        dm.pool_dataloader,
+        device,
+    )
+    cache_build_s = time.perf_counter() - t0
+    phases = {
+        "teachers": teachers,
+        "student": student,
+        "full": full,
+        "cached": lambda i: full(i, cached=True),
+    }
+    for fn in phases.values():  # warm-up
+        for i in range(min(2, steps)):
+            fn(i)
+    times: dict[str, list[float]] = {k: [] for k in phases}
+    for _ in range(rounds):
+        for k, fn in phases.items():
+            times[k].append(timed(fn, steps, device))
+    sec = {k: statistics.median(v) for k, v in times.items()}
+    ips = {k: n / v for k, v in sec.items()}
+    bound = n / (sec["teachers"] + sec["student"])
+    return {
+        "machine": machine(device),
+        "device": str(device),
+        "batch": n,
+        "image_size": dm.image_size,
+        "channels": dm.channels,
+        "method": str(cfg.method.get("name", "")),
+        "student": str(cfg.student.arch),
+        "teachers": {k: m.arch for k, m in module.teachers.metas.items()},
+        "steps": steps,
+        "rounds": rounds,
+        "img_per_s": ips,
+        "bound_img_per_s": bound,
+        "teachers_share_of_bound": sec["teachers"] / (sec["teachers"] + sec["student"]),
+        "ratio_full_over_bound": ips["full"] / bound,
+        "ratio_cached_over_full": ips["cached"] / ips["full"],
+        "cache_build_s": cache_build_s,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def markdown(r: dict[str, Any], command: str) -> str:
+    ips = r["img_per_s"]
+    return "\n".join(
+        [
+            f"## {r['method']} step, {r['student']} student, teachers "
+            + ", ".join(f"{k} ({v})" for k, v in r["teachers"].items()),
+            "",
+            f"Machine: {r['machine']}. Batch {r['batch']}, {r['image_size']} px, "
+            f"{r['channels']} channel(s); median of {r['rounds']} interleaved rounds of "
+            f"{r['steps']} steps each. Command: `{command}`",
+            "",
+            "| phase | images/s |",
+            "|---|---|",
+            f"| (a) teachers' forward | {ips['teachers']:.0f} |",
+            f"| (b) student train step alone | {ips['student']:.0f} |",
+            f"| bound: (a) and (b) back to back | {r['bound_img_per_s']:.0f} |",
+            f"| (c) full amalgamation step, no cache | {ips['full']:.0f} |",
+            f"| (d) full amalgamation step, teacher cache | {ips['cached']:.0f} |",
+            "",
+            f"- c / bound = **{r['ratio_full_over_bound']:.3f}**; d / c = "
+            f"**{r['ratio_cached_over_full']:.2f}x**; teachers' forward = "
+            f"{100 * r['teachers_share_of_bound']:.0f} % of the bound",
+            f"- cache build (once, over the whole pool): {r['cache_build_s']:.1f} s; "
+            f"peak memory {r['peak_memory_mb']:.0f} MB "
+            f"({'process RSS' if r['device'] == 'cpu' else 'GPU allocated'})",
+            "",
+        ]
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+def main(cfg: DictConfig) -> None:
+    import sys
+
+    r = bench(cfg)
+    table = Table(title=f"amalgam bench: {r['machine']}")
+    table.add_column("phase")
+    table.add_column("img/s", justify="right")
+    for k, v in r["img_per_s"].items():
+        table.add_row(k, f"{v:.0f}")
+    table.add_row("bound (teachers + student)", f"{r['bound_img_per_s']:.0f}")
+    Console().print(table)
+    Console().print(
+        f"full / bound = {r['ratio_full_over_bound']:.3f}, "
+        f"cached / full = {r['ratio_cached_over_full']:.2f}x, "
+        f"peak memory {r['peak_memory_mb']:.0f} MB"
+    )
+    if cfg.bench.write:
+        command = "python -m amalgam.bench " + " ".join(sys.argv[1:])
+        path = Path(cfg.bench.write)
+        head = path.read_text() if path.is_file() else "# Performance\n\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(head.rstrip() + "\n\n" + markdown(r, command))
+        print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Teacher-output cache: each frozen teacher's logits and feature maps over the unlabeled pool,
+computed once and stored as fp16 memory-mapped arrays, one directory per teacher.
+
+A directory's name is a hash of everything that determines its content: the teacher's weight
+hash and preprocessing, the feature levels, the data set, the image ids and the view transform.
+Its `manifest.json` is written last (a completion marker) and records shapes and checksums; a
+partial or corrupt cache fails verification and is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from amalgam.teachers.bank import TeacherBank, TeacherOutputs
+from amalgam.utils import log
+
+FORMAT = 1
+IN_MEMORY_BYTES = 2 << 30  # arrays below this size are read into RAM instead of memory-mapped
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_key(bank: TeacherBank, name: str, data_key: Mapping[str, Any]) -> dict[str, Any]:
+    t = bank.teachers[name]
+    meta = asdict(bank.metas[name])
+    return {
+        "format": FORMAT,
+        "teacher_sha256": meta["sha256"],
+        "arch": meta["arch"],
+        "preprocess": {"in_chans": t.in_chans, "input_size": t.input_size, "norm": t.norm},
+        "feature_indices": list(t.feature_indices),
+        "data": dict(data_key),
+    }
+
+
+class TeacherCache:
+    """Row lookup of cached teacher outputs by image id: a drop-in source of TeacherOutputs."""
+
+    def __init__(self, dirs: Mapping[str, Path], ids: torch.Tensor) -> None:
+        self.dirs = dict(dirs)
+        self.logits: list[np.ndarray] = []
+        self.features: list[list[np.ndarray]] = []
+        for d in self.dirs.values():
+            m = json.loads((d / "manifest.json").read_text())
+            self.logits.append(self._open(d / "logits.npy"))
+            self.features.append([self._open(d / f"feat{i}.npy") for i in range(m["levels"])])
+        row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+        row[ids] = torch.arange(len(ids))
+        self.row_of = row
+
+    @staticmethod
+    def _open(path: Path) -> np.ndarray:
+        small = path.stat().st_size < IN_MEMORY_BYTES
+        return np.load(path) if small else np.load(path, mmap_mode="r")
+
+    def rows(self, index: torch.Tensor) -> np.ndarray:
+        r = self.row_of[index.cpu()]
+        if (r < 0).any():
+            raise KeyError("an image id is not in the teacher cache: the pool changed; rebuild")
+        return r.numpy()
+
+    def lookup(
+        self, index: torch.Tensor, device: torch.device | str, features: bool = True
+    ) -> TeacherOutputs:
+        """TeacherOutputs (float32) for the images with ids `index`."""
+        r = self.rows(index)
+
+        def take(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[r])).to(device).float()
+
+        return TeacherOutputs(
+            [take(a) for a in self.logits],
+            [[take(f) for f in fs] if features else [] for fs in self.features],
+        )
+
+
+def verify(d: Path, key: Mapping[str, Any], checksums: bool = True) -> bool:
+    """True when `d` holds a complete cache for exactly `key` whose files are intact."""
+    mf = d / "manifest.json"
+    if not mf.is_file():
+        return False
+    try:
+        m = json.loads(mf.read_text())
+        if m.get("key") != json.loads(json.dumps(dict(key), default=str)):
+            return False
+        for name, info in m["files"].items():
+            p = d / name
+            if not p.is_file() or p.stat().st_size != info["bytes"]:
+                return False
+            if checksums and file_checksum(p) != info["checksum"]:
+                return False
+            arr = np.load(p, mmap_mode="r")
+            if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
+                return False
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return False
+    return True
+
+
+@torch.no_grad()
+def allocate(bank: TeacherBank, sample: torch.Tensor, n: int, dirs: Mapping[str, Path]) -> None:
+    """Create each teacher's fp16 arrays ([n, ...]) with shapes read off one sample batch."""
+    out = bank(sample)
+    for i, name in enumerate(bank.names):
+        shapes = {"logits.npy": (n, out.logits[i].shape[1])}
+        shapes |= {f"feat{j}.npy": (n, *f.shape[1:]) for j, f in enumerate(out.features[i])}
+        for fname, shape in shapes.items():
+            a = np.lib.format.open_memmap(
+                dirs[name] / fname, mode="w+", dtype=np.float16, shape=shape
+            )
+            a.flush()
+            del a
+
+
+@torch.no_grad()
+def fill(
+    bank: TeacherBank,
+    loader: Iterable[dict[str, torch.Tensor]],
+    ids: torch.Tensor,
+    dirs: Mapping[str, Path],
+    device: torch.device | str,
+    rank: int = 0,
+    world: int = 1,
+) -> None:
+    """Write the rows of the batches this rank owns (batch b belongs to rank b % world)."""
+    row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+    row[ids] = torch.arange(len(ids))
+    arrays = {
+        name: {p.name: np.load(p, mmap_mode="r+") for p in sorted(dirs[name].glob("*.npy"))}
+        for name in bank.names
+    }
+    total = len(loader) if hasattr(loader, "__len__") else None
+    with Progress(disable=rank != 0, transient=True) as bar:
+        task = bar.add_task("caching teacher outputs", total=total)
+        for b, batch in enumerate(loader):
+            bar.advance(task)
+            if b % world != rank:
+                continue
+            out = bank(batch["image"].to(device))
+            r = row[batch["index"]].numpy()
+            for i, name in enumerate(bank.names):
+                a = arrays[name]
+                a["logits.npy"][r] = out.logits[i].float().cpu().numpy()
+                for j, f in enumerate(out.features[i]):
+                    a[f"feat{j}.npy"][r] = f.float().cpu().numpy()
+    for per in arrays.values():
+        for a in per.values():
+            a.flush()
+
+
+def write_manifest(d: Path, key: Mapping[str, Any]) -> None:
+    files = {}
+    levels = 0
+    for p in sorted(d.glob("*.npy")):
+        arr = np.load(p, mmap_mode="r")
+        files[p.name] = {
+            "bytes": p.stat().st_size,
+            "checksum": file_checksum(p),
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+        }
+        levels += p.name.startswith("feat")
+    manifest = {"key": dict(key), "files": files, "levels": levels}
+    tmp = d / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, d / "manifest.json")
+
+
+def open_or_build(
+    root: str | Path,
+    bank: TeacherBank,
+    data_key: Mapping[str, Any],
+    ids: torch.Tensor,
+    loader_factory: Callable[[], Iterable[dict[str, torch.Tensor]]],
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> TeacherCache:
+    """Reuse each teacher's valid cache; (re)build the missing or broken ones, over all ranks."""
+    root = Path(root)
+    keys = {n: teacher_key(bank, n, data_key) for n in bank.names}
+    dirs = {n: root / f"{n}-{bank.metas[n].sha256[:12]}-{digest(k)[:16]}" for n, k in keys.items()}
+    todo = [n for n in bank.names if not verify(dirs[n], keys[n])]
+    if todo:
+        tmp = {n: dirs[n].with_name(dirs[n].name + ".building") for n in todo}
+        if rank == 0:
+            for n in todo:
+                if dirs[n].exists():
+                    log.warning("teacher cache %s is partial or corrupt: rebuilding", dirs[n])
+                shutil.rmtree(dirs[n], ignore_errors=True)
+                shutil.rmtree(tmp[n], ignore_errors=True)
+                tmp[n].mkdir(parents=True)
+        barrier()
+        sub = TeacherBank(
+            {n: bank.teachers[n] for n in todo},
+            {n: bank.metas[n] for n in todo},
+            {n: bank.paths[n] for n in todo},
+        )
+        loader = loader_factory()
+        if rank == 0:
+            sample = next(iter(loader))["image"][:2].to(device)
+            allocate(sub, sample, len(ids), tmp)
+        barrier()
+        fill(sub, loader, ids, tmp, device, rank, world)
+        barrier()
+        if rank == 0:
+            for n in todo:
+                write_manifest(tmp[n], keys[n])
+                os.replace(tmp[n], dirs[n])
+        barrier()
+    return TeacherCache(dirs, ids)

@@ -1,0 +1,187 @@
+"""Teacher-output cache: exact content, invalidation, corruption detection, cached training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from amalgam.amalgamate import amalgamate
+from amalgam.build import build_amalgamation
+from amalgam.teachers import cache as tc
+from conftest import make_cfg
+
+QUIET = ["~callbacks.progress", "+trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture()
+def setup(tiny_teachers, tmp_path):
+    cfg = make_cfg("amalgamate", ["experiment=tiny"], tiny_teachers, tmp_path / "run")
+    dm, module = build_amalgamation(cfg)
+    return dm, module, tmp_path / "cache"
+
+
+def open_cache(dm, module, root, **kw):
+    return tc.open_or_build(
+        root, module.teachers, dm.cache_key(), dm.indices("train"), dm.pool_dataloader, **kw
+    )
+
+
+def test_cached_outputs_equal_teacher_outputs(setup):
+    dm, module, root = setup
+    cache = open_cache(dm, module, root)
+    batch = next(iter(dm.train_dataloader()))
+    got = cache.lookup(batch["index"], "cpu")
+    want = module.teachers(batch["image"])
+    for g, w in zip(got.logits, want.logits, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-3)  # fp16 storage
+    for gs, ws in zip(got.features, want.features, strict=True):
+        for g, w in zip(gs, ws, strict=True):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-3)
+    assert len(list(root.iterdir())) == 2  # one directory per teacher
+    with pytest.raises(KeyError, match="not in the teacher cache"):
+        cache.lookup(dm.indices("val")[:1], "cpu")  # a val image is not in the pool
+
+
+def test_sharded_build_equals_single_build(setup, tmp_path):
+    dm, module, root = setup
+    one = open_cache(dm, module, root)
+    ids = dm.indices("train")
+    keys = {n: tc.teacher_key(module.teachers, n, dm.cache_key()) for n in module.teachers.names}
+    dirs = {n: tmp_path / f"shard-{n}" for n in module.teachers.names}
+    for d in dirs.values():
+        d.mkdir()
+    tc.allocate(module.teachers, next(iter(dm.pool_dataloader()))["image"][:2], len(ids), dirs)
+    for rank in (1, 0):  # two "ranks" fill disjoint batches of the same arrays
+        tc.fill(module.teachers, dm.pool_dataloader(), ids, dirs, "cpu", rank=rank, world=2)
+    for n in module.teachers.names:
+        tc.write_manifest(dirs[n], keys[n])
+    two = tc.TeacherCache(dirs, ids)
+    def arrays(c):
+        return c.logits + [f for fs in c.features for f in fs]
+
+    for a, b in zip(arrays(one), arrays(two), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_any_change_of_teacher_data_or_view_changes_the_key(setup):
+    dm, module, _ = setup
+    base = tc.teacher_key(module.teachers, "tiny_a", dm.cache_key())
+    key = dm.cache_key()
+    for change in (
+        {"image_size": 17},
+        {"ids_sha256": "0"},
+        {"view": "augment"},
+        {"source": "other"},
+    ):
+        assert tc.teacher_key(module.teachers, "tiny_a", {**key, **change}) != base
+    meta = module.teachers.metas["tiny_a"]
+    old = meta.sha256
+    meta.sha256 = "f" * 64
+    try:
+        assert tc.teacher_key(module.teachers, "tiny_a", key) != base
+    finally:
+        meta.sha256 = old
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "truncate", "flip_byte", "wrong_key"])
+def test_partial_or_corrupt_cache_is_rebuilt(setup, damage):
+    dm, module, root = setup
+    open_cache(dm, module, root)
+    d = next(p for p in root.iterdir() if p.name.startswith("tiny_a"))
+    key = tc.teacher_key(module.teachers, "tiny_a", dm.cache_key())
+    assert tc.verify(d, key)
+    logits = d / "logits.npy"
+    good = np.load(logits).copy()
+    if damage == "no_manifest":
+        (d / "manifest.json").unlink()
+    elif damage == "truncate":
+        logits.write_bytes(logits.read_bytes()[:-10])
+    elif damage == "flip_byte":
+        raw = bytearray(logits.read_bytes())
+        raw[-3] ^= 0xFF
+        logits.write_bytes(bytes(raw))
+    else:
+        m = json.loads((d / "manifest.json").read_text())
+        m["key"]["data"]["n"] += 1
+        (d / "manifest.json").write_text(json.dumps(m))
+    assert not tc.verify(d, key)
+    cache = open_cache(dm, module, root)
+    assert tc.verify(d, key)
+    assert np.array_equal(np.asarray(cache.logits[0]), good)
+
+
+@pytest.mark.slow
+def test_cached_training_runs_without_teacher_forward_in_steps(
+    tiny_teachers, tmp_path, monkeypatch
+):
+    from amalgam.teachers.bank import TeacherBank
+
+    calls = {"n": 0}
+    original = TeacherBank.forward
+
+    def counting(self, x, features=True):
+        calls["n"] += 1
+        return original(self, x, features)
+
+    monkeypatch.setattr(TeacherBank, "forward", counting)
+    over = [
+        "experiment=tiny",
+        "debug=quick",
+        "teacher_cache.enabled=true",
+        f"teacher_cache.dir={tmp_path / 'cache'}",
+        "trainer.limit_val_batches=0",
+        *QUIET,
+    ]
+    cfg = make_cfg("amalgamate", over, tiny_teachers, tmp_path / "run")
+    res = amalgamate(cfg)
+    pool_batches = -(-len(build_amalgamation(cfg)[0].indices("train")) // 256)
+    test_batches = -(-res["joint"]["n_test"] // 256)
+    assert res["global_step"] == 8
+    # first run: teachers ran over the pool (cache build) and the test set only, never per step
+    assert calls["n"] == pool_batches + 1 + test_batches
+    # second run: cache reused, so teachers run only for the final evaluation
+    calls["n"] = 0
+    cfg2 = make_cfg("amalgamate", over, tiny_teachers, tmp_path / "run2")
+    res2 = amalgamate(cfg2)
+    assert calls["n"] == test_batches
+    assert res2["tasks"] == res["tasks"]
+
+
+@pytest.mark.slow
+def test_bench_prints_and_writes_all_figures(tiny_teachers, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "PERF.md"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "amalgam.bench",
+            "experiment=tiny",
+            "bench.steps=2",
+            "bench.rounds=1",
+            f"bench.write={out}",
+            f"paths.root_dir={tiny_teachers}",
+            f"teacher_cache.dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "full / bound =" in p.stdout and "cached / full =" in p.stdout
+    md = out.read_text()
+    for row in (
+        "(a) teachers' forward",
+        "(b) student train step alone",
+        "(c) full",
+        "(d) full",
+        "c / bound",
+        "peak memory",
+    ):
+        assert row in md
