@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,12 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 HEADER = ("task", "classes", "teacher acc %", "student acc %", "delta")
 
 
+def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    """Lines of a markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in body]
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Results: {results.get('method', '?')} (seed {results.get('seed', '?')})",
@@ -54,10 +61,8 @@ def markdown(results: dict[str, Any]) -> str:
         "Task-aware accuracy per task (argmax inside the task's classes; the teacher uses its own "
         "head), and joint accuracy over the union (teachers: argmax over concatenated logits).",
         "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "---|" * len(HEADER),
+        *md_table(HEADER, rows(results)),
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
     p = results.get("params")
     if p:
         lines += [

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from amalgam.report.run import atomic_write
+from amalgam.report.run import atomic_write, md_table
 
 log = logging.getLogger("amalgam")
 SKIP_DIRS = {"eval", "wandb", ".submitit", "checkpoints"}
@@ -101,10 +101,8 @@ def markdown(rows: list[dict[str, Any]], sweep_dir: str | Path) -> str:
         "Test accuracy in %, mean ± std over seeds. Task columns: task-aware accuracy; "
         "joint: argmax over the union (teachers: concatenated logits).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *md_table(header, body),
     ]
-    lines += ["| " + " | ".join(b) + " |" for b in body]
     return "\n".join(lines) + "\n"
 
 
