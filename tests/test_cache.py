@@ -59,6 +59,7 @@ def test_sharded_build_equals_single_build(setup, tmp_path):
     for n in module.teachers.names:
         tc.write_manifest(dirs[n], keys[n])
     two = tc.TeacherCache(dirs, ids)
+
     def arrays(c):
         return c.logits + [f for fs in c.features for f in fs]
 

@@ -112,6 +112,23 @@ def test_submitit_local_runs_a_job(tiny_teachers, tmp_path):
     assert (sweep / "report.md").is_file()
 
 
+def test_joblib_local_parallel_runs_jobs_in_separate_dirs(tiny_teachers, tmp_path):
+    sweep = tmp_path / "sweep"
+    cli(
+        tiny_teachers,
+        "-m",
+        "experiment=tiny",
+        "debug=quick",
+        "seed=0,1",
+        "hydra/launcher=local_parallel",
+        f"hydra.sweep.dir={sweep}",
+    )
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    assert len({r["checkpoint"] for r in runs}) == 2
+    assert "| cfl | 2 |" in (sweep / "report.md").read_text()
+
+
 def test_ddp_cpu_two_processes_same_results_schema(tiny_teachers, tmp_path):
     cli(tiny_teachers, "experiment=tiny", "debug=quick", f"hydra.run.dir={tmp_path / 'one'}")
     cli(
