@@ -164,3 +164,23 @@ def test_amalgam_accuracy_matches_brute_force():
     lg[0, 290] = 1
     mb.update(lg, torch.tensor([290]))
     assert float(mb.compute()["joint"]) == 1.0
+
+
+def test_conv3x3_on_1x1_maps_equals_padded_conv():
+    from amalgam.methods.cfl import Conv3x3
+
+    torch.manual_seed(0)
+    fast = Conv3x3(6, 4)
+    ref = torch.nn.Conv2d(6, 4, 3, padding=1)
+    ref.load_state_dict(fast.state_dict())
+    for shape in ((5, 6, 1, 1), (5, 6, 3, 3)):
+        x = torch.randn(*shape, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        a, b = fast(x), ref(x2)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
+        fast.zero_grad()
+        ref.zero_grad()

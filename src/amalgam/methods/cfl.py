@@ -26,15 +26,29 @@ def conv_act(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
 
 
+class Conv3x3(nn.Conv2d):
+    """3x3 convolution, padding 1. On 1x1 maps only the centre tap meets data, so it runs as
+    the equivalent 1x1 convolution (same parameters, same outputs and gradients, 9x fewer MACs).
+    """
+
+    def __init__(self, cin: int, cout: int, bias: bool = True) -> None:
+        super().__init__(cin, cout, 3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (1, 1):
+            return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias)
+        return super().forward(x)
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, batchnorm: bool) -> None:
         super().__init__()
         norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=not batchnorm),
+            Conv3x3(cin, cout, bias=not batchnorm),
             norm(cout),
             nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=not batchnorm),
+            Conv3x3(cout, cout, bias=not batchnorm),
             norm(cout),
         )
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
@@ -85,7 +99,7 @@ class CommonFeatureBlock(nn.Module):
         self.dec_t = (
             nn.ModuleList(
                 nn.Sequential(
-                    nn.Conv2d(hidden, s[0], 3, padding=1),
+                    Conv3x3(hidden, s[0]),
                     nn.ReLU(inplace=True),
                     nn.Conv2d(s[0], s[0], 1),
                 )
