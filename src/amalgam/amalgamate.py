@@ -17,6 +17,7 @@ from amalgam.evaluation import evaluate, model_stats
 from amalgam.launch import (
     check_launch,
     make_loggers,
+    method_name,
     resume_checkpoint,
     variant_name,
     wandb_id,
@@ -88,7 +89,7 @@ def amalgamate(cfg: DictConfig) -> dict[str, Any]:
         results: dict[str, Any] = {}
         if trainer.is_global_zero:
             extra = {
-                "method": str(cfg.method.get("name", cfg.method._target_.rsplit(".", 1)[-1])),
+                "method": method_name(cfg),
                 "variant": variant,
                 "uses_labels": bool(module.method.uses_labels),
                 "seed": int(cfg.seed),

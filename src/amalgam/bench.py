@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from amalgam.build import build_amalgamation
+from amalgam.launch import method_name
 from amalgam.losses import soft_target_loss
 from amalgam.methods.base import concat_teacher_logits
 from amalgam.module import AmalgamModule
@@ -140,7 +141,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "batch": n,
         "image_size": dm.image_size,
         "channels": dm.channels,
-        "method": str(cfg.method.get("name", "")),
+        "method": method_name(cfg),
         "student": str(cfg.student.arch),
         "teachers": {k: m.arch for k, m in module.teachers.metas.items()},
         "steps": steps,

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from amalgam.amalgamate import final_report
 from amalgam.build import build_amalgamation
+from amalgam.launch import method_name
 from amalgam.tasks import ConfigError
 from amalgam.utils import CONF_DIR, quiet_known_warnings
 
@@ -57,9 +58,8 @@ def evaluate_checkpoint(
             f"checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     module.eval()
-    extra = {k: v for k, v in rec.get("results_meta", {}).items()}
-    extra |= {
-        "method": str(cfg.method.get("name", cfg.method._target_.rsplit(".", 1)[-1])),
+    extra = {
+        "method": method_name(cfg),
         "seed": int(cfg.seed),
         "checkpoint": str(ckpt_path),
         "student_arch": str(cfg.student.arch),

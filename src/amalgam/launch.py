@@ -20,13 +20,18 @@ def hydra_mode() -> RunMode | None:
     return HydraConfig.get().mode if HydraConfig.initialized() else None
 
 
+def method_name(cfg: DictConfig) -> str:
+    """The method's `name` in its config, else its class name."""
+    return str(cfg.method.get("name") or cfg.method._target_.rsplit(".", 1)[-1])
+
+
 def variant_name(cfg: DictConfig) -> str:
     """The job's overrides minus seed & co. (Hydra's override_dirname), else the method name."""
     if HydraConfig.initialized():
         name = HydraConfig.get().job.override_dirname
         if name:
             return str(name)
-    return str(cfg.method.get("name", "")) or cfg.method._target_.rsplit(".", 1)[-1]
+    return method_name(cfg)
 
 
 def check_launch(cfg: DictConfig) -> None:

@@ -54,7 +54,7 @@ def train_teacher(cfg: DictConfig) -> Path:
             std=std,
             model_kwargs=to_dict(t.model_kwargs) or {},
             test_acc=acc,
-            data=str(cfg.data.get("name", "")) or None,
+            data=dm.source.name,
             extra={
                 "epochs": int(trainer.current_epoch),
                 "seed": int(cfg.seed),
