@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -12,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from amalgam.backbone import Backbone, check_arch, classifier_prefix, create_timm
 from amalgam.module import AmalgamModule
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
-from amalgam.teachers.bank import TeacherBank, load_teacher_bank
+from amalgam.teachers.bank import TeacherBank, load_teacher_bank, teacher_weights
 from amalgam.teachers.io import meta_path, read_meta, read_weights, strip_prefix
 
 
@@ -33,13 +32,7 @@ def teacher_tasks(teacher_set: Mapping[str, Any]) -> dict[str, list]:
         raise ConfigError("teacher_set is empty: amalgamation needs at least one teacher")
     tasks = {}
     for name, t in teacher_set.items():
-        weights = t.get("weights")
-        if not weights or not Path(weights).is_file():
-            raise ConfigError(
-                f"teacher '{name}': weights file '{weights}' not found. Train it with "
-                f"`python -m amalgam.train_teacher teacher={name}` (or `make teachers`), "
-                f"or set teacher_set.{name}.weights to an existing file"
-            )
+        weights = teacher_weights(name, t)
         meta = read_meta(weights) or {}
         arch = t.get("arch") or meta.get("arch")
         if not arch:

@@ -61,6 +61,18 @@ class TeacherBank(nn.Module):
         return {n: {"path": self.paths[n], "meta": asdict(self.metas[n])} for n in self.names}
 
 
+def teacher_weights(name: str, cfg: Mapping[str, Any]) -> str:
+    """The teacher's weights path from its config entry; refuses a missing one with the fix."""
+    weights = cfg.get("weights")
+    if not weights or not Path(weights).is_file():
+        raise ConfigError(
+            f"teacher '{name}': weights file '{weights}' not found. Train it with "
+            f"`python -m amalgam.train_teacher teacher={name}` (or `make teachers`), "
+            f"or set teacher_set.{name}.weights to an existing file"
+        )
+    return str(weights)
+
+
 def load_teacher_bank(
     teacher_set: Mapping[str, Mapping[str, Any]], feature_indices: Sequence[int] = (-1,)
 ) -> TeacherBank:
@@ -68,15 +80,7 @@ def load_teacher_bank(
     teachers, metas, paths = {}, {}, {}
     for name, cfg in teacher_set.items():
         cfg = dict(cfg)
-        weights = cfg.get("weights")
-        if not weights:
-            raise ConfigError(f"teacher '{name}': set 'weights' to its .safetensors file")
-        if not Path(weights).is_file():
-            raise ConfigError(
-                f"teacher '{name}': weights file '{weights}' not found. Train it with "
-                f"`python -m amalgam.train_teacher teacher={cfg.get('config_name', name)}` "
-                f"or point teacher_set.{name}.weights at an existing file"
-            )
+        weights = teacher_weights(name, cfg)
         meta = resolve_meta(
             name,
             weights,

@@ -54,6 +54,13 @@ def teacher_key(bank: TeacherBank, name: str, data_key: Mapping[str, Any]) -> di
     }
 
 
+def row_index(ids: torch.Tensor) -> torch.Tensor:
+    """Row of each image id in the cache arrays (-1 for ids outside the pool)."""
+    row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+    row[ids] = torch.arange(len(ids))
+    return row
+
+
 class TeacherCache:
     """Row lookup of cached teacher outputs by image id: a drop-in source of TeacherOutputs."""
 
@@ -65,9 +72,7 @@ class TeacherCache:
             m = json.loads((d / "manifest.json").read_text())
             self.logits.append(self._open(d / "logits.npy"))
             self.features.append([self._open(d / f"feat{i}.npy") for i in range(m["levels"])])
-        row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
-        row[ids] = torch.arange(len(ids))
-        self.row_of = row
+        self.row_of = row_index(ids)
 
     @staticmethod
     def _open(path: Path) -> np.ndarray:
@@ -144,8 +149,7 @@ def fill(
     world: int = 1,
 ) -> None:
     """Write the rows of the batches this rank owns (batch b belongs to rank b % world)."""
-    row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
-    row[ids] = torch.arange(len(ids))
+    row = row_index(ids)
     arrays = {
         name: {p.name: np.load(p, mmap_mode="r+") for p in sorted(dirs[name].glob("*.npy"))}
         for name in bank.names
