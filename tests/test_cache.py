@@ -74,7 +74,7 @@ def test_any_change_of_teacher_data_or_view_changes_the_key(setup):
     for change in (
         {"image_size": 17},
         {"ids_sha256": "0"},
-        {"view": "augment"},
+        {"view": {"kind": "random_augment"}},
         {"source": "other"},
     ):
         assert tc.teacher_key(module.teachers, "tiny_a", {**key, **change}) != base
@@ -85,6 +85,76 @@ def test_any_change_of_teacher_data_or_view_changes_the_key(setup):
         assert tc.teacher_key(module.teachers, "tiny_a", key) != base
     finally:
         meta.sha256 = old
+
+
+@pytest.fixture()
+def views_setup(tiny_teachers, tmp_path):
+    over = ["experiment=tiny", "data.augment=true"]
+    cfg = make_cfg("amalgamate", over, tiny_teachers, tmp_path / "run")
+    dm, module = build_amalgamation(cfg)
+    dm.use_cached_views(3)
+    return dm, module, tmp_path / "cache"
+
+
+def open_views(dm, module, root):
+    return open_cache(dm, module, root, view_table=dm.view_table(), view_fn=dm.apply_view)
+
+
+def test_cached_views_replay_exactly_what_the_teachers_saw(views_setup):
+    dm, module, root = views_setup
+    cache = open_views(dm, module, root)
+    n = len(dm.indices("train"))
+    assert cache.views == 3 and np.asarray(cache.logits[0]).shape[0] == 3 * n
+    d = next(p for p in root.iterdir() if p.name.startswith("tiny_a"))
+    assert np.array_equal(np.load(d / "views.npy"), dm.view_table().numpy())
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "index", "view"} and batch["view"].max() < 3
+    # the student's images are augmented views, not the plain pool images
+    plain = torch.cat([b["image"] for b in dm.pool_dataloader()])
+    rows = tc.row_index(dm.indices("train"))[batch["index"]]
+    assert not torch.allclose(batch["image"], plain[rows])
+    got = cache.lookup(batch["index"], "cpu", view=batch["view"])
+    want = module.teachers(batch["image"])
+    for g, w in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-3)
+    for gs, ws in zip(got.features, want.features, strict=True):
+        for g, w in zip(gs, ws, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-3)
+    # another view of the same images has other teacher outputs
+    other = cache.lookup(batch["index"], "cpu", view=(batch["view"] + 1) % 3)
+    assert not torch.allclose(other.logits[0], got.logits[0], atol=1e-2)
+    with pytest.raises(KeyError, match="views per image"):
+        cache.lookup(batch["index"], "cpu")
+
+
+def test_view_choice_is_per_epoch_and_reproducible(views_setup):
+    from amalgam.data.datamodule import ViewShuffle
+
+    s = ViewShuffle(500, seed=3, views=4)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    s.set_epoch(0)
+    assert list(s) == e0 and e0 != e1
+    assert sorted(p for p, _ in e1) == list(range(500))
+    counts = np.bincount([v for _, v in e0], minlength=4)
+    assert counts.min() > 80  # every view is used
+
+
+def test_view_table_change_invalidates_the_cache(views_setup, tmp_path):
+    dm, module, root = views_setup
+    key3 = tc.teacher_key(module.teachers, "tiny_a", dm.cache_key())
+    dm.use_cached_views(2)
+    assert tc.teacher_key(module.teachers, "tiny_a", dm.cache_key()) != key3
+    dm.use_cached_views(3)
+    assert tc.teacher_key(module.teachers, "tiny_a", dm.cache_key()) == key3
+    open_views(dm, module, root)
+    d = next(p for p in root.iterdir() if p.name.startswith("tiny_a"))
+    assert tc.verify(d, key3)
+    table = np.load(d / "views.npy")
+    table[0, 0, 0] = (table[0, 0, 0] + 1) % 9  # views.npy no longer made these outputs
+    np.save(d / "views.npy", table)
+    assert not tc.verify(d, key3)
 
 
 @pytest.mark.parametrize("damage", ["no_manifest", "truncate", "flip_byte", "wrong_key"])
@@ -149,6 +219,12 @@ def test_cached_training_runs_without_teacher_forward_in_steps(
     res2 = amalgamate(cfg2)
     assert calls["n"] == test_batches
     assert res2["tasks"] == res["tasks"]
+    # augmented training: K = 2 cached views, built once, replayed with their view ids
+    calls["n"] = 0
+    aug = [*over, "data.augment=true", "teacher_cache.views=2"]
+    res3 = amalgamate(make_cfg("amalgamate", aug, tiny_teachers, tmp_path / "run3"))
+    assert res3["global_step"] == 8
+    assert calls["n"] == 2 * pool_batches + 1 + test_batches
 
 
 @pytest.mark.slow

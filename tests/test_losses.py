@@ -41,6 +41,17 @@ def test_mmd_reference_bandwidths_match_double_loop():
     )
 
 
+def test_mmd_small_bandwidths_exact_on_near_duplicates():
+    """sigma = 0.001 resolves distances of ~1e-3: y is x moved by that much per row."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 128, generator=g)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = x + 7e-4 * torch.randn(6, 128, generator=g)
+    want = brute_mmd(x, y, REFERENCE_SIGMAS)
+    assert want > 0.1  # the small-bandwidth kernels do see the difference
+    assert float(mmd(x, y, REFERENCE_SIGMAS)) == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
 def test_mmd_zero_for_identical_batches_and_positive_otherwise():
     x = torch.randn(8, 16, 2, 2)
     assert float(mmd(x, x.clone())) == pytest.approx(0.0, abs=1e-5)

@@ -137,7 +137,7 @@ def test_scratch_is_marked_as_using_labels():
 def test_amalgamation_batches_refuse_labels():
     x = torch.rand(2, 3, 8, 8)
     assert images_of({"image": x, "index": torch.arange(2)}) is x
-    with pytest.raises(ValueError, match="images and ids only"):
+    with pytest.raises(ValueError, match="images, ids and view ids only"):
         images_of({"image": x, "label": torch.zeros(2)})
     with pytest.raises(TypeError, match="unlabeled batches"):
         images_of((x, torch.zeros(2)))
@@ -184,3 +184,25 @@ def test_conv3x3_on_1x1_maps_equals_padded_conv():
         torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
         fast.zero_grad()
         ref.zero_grad()
+
+
+def test_loss_terms_logged_only_on_logger_steps(bank, monkeypatch):
+    """No per-step logging (each logged value is read back with .item(): a GPU sync)."""
+    s = student()
+    ss, ts = shapes(bank, s)
+    module = AmalgamModule(bank, s, KD(bank.space, ss, ts), {"lr": 1e-3})
+
+    class T:
+        log_every_n_steps = 4
+        global_step = 0
+
+    module._trainer = T()
+    logged = []
+    monkeypatch.setattr(module, "log_dict", lambda d, **kw: logged.append(T.global_step))
+    monkeypatch.setattr(module, "log", lambda *a, **kw: None)
+    batch = {"image": torch.rand(4, 3, 16, 16), "index": torch.arange(4)}
+    for step in range(10):
+        T.global_step = step
+        loss = module.training_step(batch, step)
+        assert loss.requires_grad and torch.isfinite(loss)
+    assert logged == [0, 3, 7]  # the first step, then Lightning's logger steps (n + 1) % 4 == 0

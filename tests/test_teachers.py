@@ -130,3 +130,24 @@ def test_bank_frozen_and_union_space(tmp_path):
     assert not out.logits[0].requires_grad
     with pytest.raises(ConfigError, match="not found"):
         load_teacher_bank({"a": {"weights": str(tmp_path / "missing.safetensors")}})
+
+
+def test_half_precision_bank_matches_float32_and_reports_file_hash(tmp_path):
+    _, pa = exported(tmp_path, "test_resnet", 3, "a")
+    entries = {"a": {"weights": str(pa)}}
+    ref = load_teacher_bank(entries)
+    half = load_teacher_bank(entries, dtype="bfloat16")
+    assert next(half.teachers["a"].model.parameters()).dtype == torch.bfloat16
+    assert half.teachers["a"].mean.dtype == torch.float32  # preprocessing stays float32
+    x = torch.rand(8, 3, 24, 24)
+    a, b = ref(x), half(x)
+    assert b.logits[0].dtype == torch.float32 and b.features[0][0].dtype == torch.float32
+    # bf16 keeps ~3 significant digits: logits agree to a few percent of their spread
+    spread = a.logits[0].std()
+    assert (a.logits[0] - b.logits[0]).abs().max() < 0.1 * spread
+    assert half.hashes() == ref.hashes() == {"a": ref.metas["a"].sha256}
+    with torch.no_grad():
+        next(half.teachers["a"].model.parameters()).add_(1)
+    assert half.hashes()["a"] != ref.metas["a"].sha256
+    with pytest.raises(ConfigError, match="teacher_dtype"):
+        load_teacher_bank(entries, dtype="half")

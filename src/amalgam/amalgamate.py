@@ -23,7 +23,6 @@ from amalgam.launch import (
     wandb_id,
 )
 from amalgam.module import AmalgamModule
-from amalgam.tasks import ConfigError
 from amalgam.teachers.cache import open_or_build
 from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
 
@@ -48,11 +47,10 @@ def attach_cache(cfg: DictConfig, dm: Any, module: AmalgamModule) -> None:
     tc = cfg.get("teacher_cache")
     if not tc or not tc.get("enabled") or not module.method.uses_teachers:
         return
-    if dm.augment:
-        raise ConfigError(
-            "teacher_cache.enabled=true with data.augment=true: cached augmented views are not "
-            "implemented yet; set data.augment=false or teacher_cache.enabled=false"
-        )
+    views = {}
+    if dm.augment:  # K fixed augmented views per image, replayed to the student
+        dm.use_cached_views(int(tc.get("views", 4)))
+        views = {"view_table": dm.view_table(), "view_fn": dm.apply_view}
     module.cache_spec = functools.partial(
         open_or_build,
         tc.dir,
@@ -60,6 +58,7 @@ def attach_cache(cfg: DictConfig, dm: Any, module: AmalgamModule) -> None:
         dm.cache_key(),
         dm.indices("train"),
         dm.pool_dataloader,
+        **views,
     )
 
 

@@ -113,11 +113,14 @@ class Backbone(nn.Module):
         size = (self.input_size, self.input_size) if self.input_size else None
         if size and tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)  # in the input's precision
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: torch.Tensor, features: bool = True) -> ModelOutput:
         x = self.preprocess(x)
+        dtype = next(self.model.parameters()).dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)  # a half-precision copy (a teacher bank's dtype)
         if not features or not self.feature_indices:
             return ModelOutput(self.model(x), [])
         if hasattr(self.model, "forward_intermediates"):

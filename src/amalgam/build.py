@@ -121,7 +121,9 @@ def build_amalgamation(cfg: DictConfig) -> tuple[Any, AmalgamModule]:
     for name in teacher_set:
         teacher_set[name]["class_names"] = list(space.task(name).classes)
     feat_idx = to_dict(cfg.student.get("feature_indices", [-1]))
-    bank = load_teacher_bank(teacher_set, feature_indices=feat_idx)
+    bank = load_teacher_bank(
+        teacher_set, feature_indices=feat_idx, dtype=cfg.get("teacher_dtype", "float32")
+    )
     student = build_student(to_dict(cfg.student), space.num_classes)
     method = build_method(cfg.method, space, student, bank, dm.image_size, dm.channels)
     record = {"config": to_dict(cfg), "label_space": space.as_dict()}

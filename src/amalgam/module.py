@@ -21,9 +21,11 @@ TEACHER_PREFIX = "teachers."
 def images_of(batch: Any) -> torch.Tensor:
     """The images of an unlabeled batch; refuses any batch that carries labels."""
     if isinstance(batch, Mapping):
-        extra = set(batch) - {"image", "index"}
+        extra = set(batch) - {"image", "index", "view"}
         if extra:
-            raise ValueError(f"an amalgamation batch may carry images and ids only, got {extra}")
+            raise ValueError(
+                f"an amalgamation batch may carry images, ids and view ids only, got {extra}"
+            )
         return batch["image"]
     raise TypeError(
         "amalgamation expects unlabeled batches {'image', 'index'}; got "
@@ -91,13 +93,14 @@ class AmalgamModule(L.LightningModule):
         x: torch.Tensor,
         labels: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Named loss terms; teacher outputs come from the cache when it has `index`."""
+        """Named loss terms; teacher outputs come from the cache when it has `index` (`view`)."""
         feats = self.method.needs_features
         if not self.method.uses_teachers:
             t = None
         elif self.cache is not None and index is not None:
-            t = self.cache.lookup(index, x.device, features=feats)
+            t = self.cache.lookup(index, x.device, features=feats, view=view)
         else:
             t = self.teachers(x, features=feats)
         s = self.student(x, features=feats)
@@ -108,11 +111,25 @@ class AmalgamModule(L.LightningModule):
             x, y = batch
             terms = self.losses(x, y)
         else:
-            terms = self.losses(images_of(batch), index=batch.get("index"))
+            x = images_of(batch)
+            terms = self.losses(x, index=batch.get("index"), view=batch.get("view"))
         loss = torch.stack(list(terms.values())).sum()
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True)
+        if self.log_this_step():
+            self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True)
+            self.log("train/loss", loss.detach(), prog_bar=True, on_step=True)
         return loss
+
+    def log_this_step(self) -> bool:
+        """Log the loss terms only on the steps the logger writes (`log_every_n_steps`).
+
+        A value logged to the progress bar is read back with `.item()` at every refresh: on a GPU
+        that is a host-device sync per step. Logged only every n steps, the step stays sync-free.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1)))
+        return (self.global_step + 1) % every == 0 or self.global_step == 0
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch

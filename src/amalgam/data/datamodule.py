@@ -19,6 +19,7 @@ from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
 
 SplitName = Literal["train", "val", "test"]
 UNLABELED_POLICIES = ("union", "all")
+PAD = 4  # crop augmentation: reflect-pad by PAD, crop back to the image size
 
 
 def to_model_input(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
@@ -40,22 +41,48 @@ def to_model_input(images: torch.Tensor, channels: int, size: int) -> torch.Tens
     return x
 
 
-def augment_batch(x: torch.Tensor, pad: int = 4, hflip: bool = True) -> torch.Tensor:
-    """Per-image random crop of the reflect-padded batch, and a random horizontal flip."""
+def augment_params(
+    n: int, pad: int = 4, hflip: bool = True, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[n, 3] int64 view parameters: crop row offset, crop column offset (0..2 pad), flip."""
+    rows = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    cols = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = (
+        torch.randint(0, 2, (n,), generator=generator)
+        if hflip
+        else torch.zeros(n, dtype=torch.long)
+    )
+    return torch.stack([rows, cols, flip], 1)
+
+
+def augment_batch(
+    x: torch.Tensor, pad: int = 4, hflip: bool = True, params: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-image crop of the reflect-padded batch and horizontal flip.
+
+    `params` ([B, 3], see `augment_params`) replays given views exactly; None draws new ones.
+    """
     b, c, h, w = x.shape
+    if params is None:
+        params = augment_params(b, pad, hflip)
+    params = params.long()
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    rows = torch.randint(0, 2 * pad + 1, (b, 1)) + torch.arange(h)
-    cols = torch.randint(0, 2 * pad + 1, (b, 1)) + torch.arange(w)
+    rows = params[:, :1] + torch.arange(h)
+    cols = params[:, 1:2] + torch.arange(w)
     out = padded[
         torch.arange(b)[:, None, None, None],
         torch.arange(c)[None, :, None, None],
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]
-    if hflip:
-        flip = torch.rand(b) < 0.5
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    return out
+    flip = params[:, 2].bool()
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def view_table(n: int, views: int, pad: int, hflip: bool, seed: int) -> torch.Tensor:
+    """[views, n, 3] parameters of K fixed augmented views of each of n pool images."""
+    g = torch.Generator().manual_seed(seed * 7_919 + 17)
+    return torch.stack([augment_params(n, pad, hflip, g) for _ in range(views)])
 
 
 @dataclass(frozen=True)
@@ -66,7 +93,7 @@ class ImageFormat:
     size: int
     augment: bool = False
     hflip: bool = True
-    pad: int = 4
+    pad: int = PAD
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = to_model_input(images, self.channels, self.size)
@@ -91,6 +118,20 @@ class EpochShuffle(Sampler[int]):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class ViewShuffle(EpochShuffle):
+    """EpochShuffle over (position, view) pairs: each epoch picks one of K views per image."""
+
+    def __init__(self, n: int, seed: int, views: int) -> None:
+        super().__init__(n, seed)
+        self.views = views
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        view = torch.randint(0, self.views, (self.n,), generator=g)
+        return iter(zip(order.tolist(), view[order].tolist(), strict=True))
 
 
 class UnlabeledImages(Dataset):
@@ -122,6 +163,32 @@ class UnlabeledImages(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         return self.__getitems__([position])[0]
+
+
+class ViewImages(UnlabeledImages):
+    """Replays fixed augmented views: items are (position, view) pairs from a ViewShuffle;
+    samples are {"image", "index", "view"}, the image made with `table[view, position]`."""
+
+    def __init__(
+        self, split: Split, indices: torch.Tensor, fmt: ImageFormat, table: torch.Tensor
+    ) -> None:
+        super().__init__(split, indices, fmt)
+        if table.shape[1] != len(indices):
+            raise ValueError("the view table must have one row per pool image")
+        self.table = table
+
+    def __getitems__(self, pairs: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:  # type: ignore[override]
+        positions = [p for p, _ in pairs]
+        views = torch.as_tensor([v for _, v in pairs], dtype=torch.long)
+        x, idx = self.load(positions)
+        x = augment_batch(x, self.fmt.pad, self.fmt.hflip, self.table[views, positions])
+        return [
+            {"image": img, "index": i, "view": v}
+            for img, i, v in zip(x, idx.tolist(), views.tolist(), strict=True)
+        ]
+
+    def __getitem__(self, pair: tuple[int, int]) -> dict[str, Any]:  # type: ignore[override]
+        return self.__getitems__([pair])[0]
 
 
 class LabeledImages(UnlabeledImages):
@@ -257,6 +324,8 @@ class AmalgamDataModule(L.LightningDataModule):
         self._space: LabelSpace | None = None
         self._union_of = torch.empty(0, dtype=torch.long)
         self._indices: dict[str, torch.Tensor] = {}
+        self.cached_views = 0  # K > 0: the student replays K fixed views (teacher cache)
+        self._view_table: torch.Tensor | None = None
         if self._source is not None:
             self.prepare()
 
@@ -377,11 +446,13 @@ class AmalgamDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
+        if train and sampler is None:
+            sampler = EpochShuffle(len(dataset), self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if train else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
@@ -407,10 +478,38 @@ class AmalgamDataModule(L.LightningDataModule):
             task_of[classes.index(c)] = j
         return self._loader(self._labeled(split, task_of), train=split == "train")
 
+    def use_cached_views(self, views: int) -> None:
+        """Augment with K fixed views per image (`view_table`) that a teacher cache can hold,
+        instead of new random views every epoch. Needs data.augment=true."""
+        if not self.augment:
+            raise ConfigError("cached views need data.augment=true")
+        _check_int("teacher_cache.views", views, 1)
+        self.cached_views = int(views)
+        self._view_table = None
+
+    def view_table(self) -> torch.Tensor:
+        """[K, n_pool, 3] parameters of the cached views (deterministic from the seed)."""
+        if not self.cached_views:
+            raise ConfigError("no cached views: call use_cached_views(K) first")
+        if self._view_table is None:
+            n = len(self.indices("train"))
+            self._view_table = view_table(n, self.cached_views, PAD, self.hflip, self.seed)
+        return self._view_table
+
+    def apply_view(self, x: torch.Tensor, rows: torch.Tensor, view: int) -> torch.Tensor:
+        """Pool images x (rows of the pool, un-augmented) in cached view `view`."""
+        return augment_batch(x, PAD, self.hflip, self.view_table()[view, rows.cpu()].to(x.device))
+
     def train_dataloader(self) -> DataLoader:
-        """Unlabeled amalgamation loader: batches {"image": [B, C, S, S], "index": [B]}."""
-        ds = UnlabeledImages(self._split("train"), self.indices("train"), self._format(True))
-        return self._loader(ds, train=True)
+        """Unlabeled amalgamation loader: batches {"image": [B, C, S, S], "index": [B]}
+        (plus "view": [B] when the student replays cached views)."""
+        split, idx = self._split("train"), self.indices("train")
+        if not self.cached_views:
+            return self._loader(UnlabeledImages(split, idx, self._format(True)), train=True)
+        ds = ViewImages(split, idx, self._format(False), self.view_table())
+        return self._loader(
+            ds, train=True, sampler=ViewShuffle(len(ds), self.seed, self.cached_views)
+        )
 
     def pool_dataloader(self) -> DataLoader:
         """The unlabeled pool in a fixed order, no augmentation (to precompute teacher outputs)."""
@@ -427,8 +526,20 @@ class AmalgamDataModule(L.LightningDataModule):
             "n": len(ids),
             "image_size": self.image_size,
             "channels": self.channels,
-            "view": "augment" if self.augment else "identity",
+            "view": self._view_key(),
         }
+
+    def _view_key(self) -> dict[str, Any]:
+        if self.cached_views:
+            table = self.view_table().numpy()
+            return {
+                "kind": "cached_views",
+                "views": self.cached_views,
+                "pad": PAD,
+                "hflip": self.hflip,
+                "params_sha256": hashlib.sha256(table.tobytes()).hexdigest(),
+            }
+        return {"kind": "random_augment" if self.augment else "identity"}
 
     def labeled_train_dataloader(self) -> DataLoader:
         """Training images of union classes with union labels (supervised upper bound only)."""

@@ -23,14 +23,31 @@ class TeacherOutputs:
     features: list[list[torch.Tensor]]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ConfigError(f"teacher_dtype='{dtype}': choose one of {list(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
 class TeacherBank(nn.Module):
-    """Frozen teachers, each with its own preprocessing and class list. Never trained."""
+    """Frozen teachers, each with its own preprocessing and class list. Never trained.
+
+    `dtype` bfloat16/float16 keeps the teachers' weights in half precision (half the memory,
+    faster kernels where the hardware has them); inputs are preprocessed in float32 and the
+    outputs handed back in float32, so the loss terms see the usual types.
+    """
 
     def __init__(
         self,
         teachers: Mapping[str, Backbone],
         metas: Mapping[str, TeacherMeta],
         paths: Mapping[str, str],
+        dtype: str | torch.dtype = "float32",
     ) -> None:
         super().__init__()
         if not teachers:
@@ -40,6 +57,13 @@ class TeacherBank(nn.Module):
         self.paths = dict(paths)
         self.space = LabelSpace.from_mapping({n: m.classes for n, m in self.metas.items()})
         self.requires_grad_(False).eval()
+        self.dtype = parse_dtype(dtype)
+        self._cast_hashes: dict[str, str] | None = None
+        if self.dtype != torch.float32:
+            self.to(self.dtype)
+            for t in self.teachers.values():  # preprocessing stays in float32
+                t.mean, t.std = t.mean.float(), t.std.float()
+            self._cast_hashes = self._module_hashes()
 
     @property
     def names(self) -> list[str]:
@@ -51,10 +75,25 @@ class TeacherBank(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, features: bool = True) -> TeacherOutputs:
         outs: list[ModelOutput] = [t(x, features=features) for t in self.teachers.values()]
+        if self.dtype != torch.float32:
+            return TeacherOutputs(
+                [o.logits.float() for o in outs], [[f.float() for f in o.features] for o in outs]
+            )
         return TeacherOutputs([o.logits for o in outs], [o.features for o in outs])
 
-    def hashes(self) -> dict[str, str]:
+    def _module_hashes(self) -> dict[str, str]:
         return {n: module_hash(t.model) for n, t in self.teachers.items()}
+
+    def hashes(self) -> dict[str, str]:
+        """SHA-256 of each teacher's weights as they are now (equal to the file's if unchanged).
+
+        Half-precision copies cannot be hashed back to the float32 file: an unchanged copy reports
+        the file's hash (verified when it was loaded), a changed one its own, different hash.
+        """
+        now = self._module_hashes()
+        if self._cast_hashes is None:
+            return now
+        return {n: self.metas[n].sha256 if now[n] == self._cast_hashes[n] else now[n] for n in now}
 
     def record(self) -> dict[str, Any]:
         """What a student checkpoint keeps instead of teacher tensors."""
@@ -74,7 +113,9 @@ def teacher_weights(name: str, cfg: Mapping[str, Any]) -> str:
 
 
 def load_teacher_bank(
-    teacher_set: Mapping[str, Mapping[str, Any]], feature_indices: Sequence[int] = (-1,)
+    teacher_set: Mapping[str, Mapping[str, Any]],
+    feature_indices: Sequence[int] = (-1,),
+    dtype: str | torch.dtype = "float32",
 ) -> TeacherBank:
     """Build the bank from `teacher_set` config entries (key = teacher/task name)."""
     teachers, metas, paths = {}, {}, {}
@@ -96,4 +137,4 @@ def load_teacher_bank(
         teachers[name] = build_teacher(meta, weights, idx)
         metas[name] = meta
         paths[name] = str(weights)
-    return TeacherBank(teachers, metas, paths)
+    return TeacherBank(teachers, metas, paths, dtype)

@@ -25,7 +25,8 @@ from rich.progress import Progress
 from amalgam.teachers.bank import TeacherBank, TeacherOutputs
 from amalgam.utils import log
 
-FORMAT = 1
+FORMAT = 2
+ARRAYS = "[lf]*.npy"  # logits.npy, feat<j>.npy (not the view table)
 IN_MEMORY_BYTES = 2 << 30  # arrays below this size are read into RAM instead of memory-mapped
 
 
@@ -50,6 +51,7 @@ def teacher_key(bank: TeacherBank, name: str, data_key: Mapping[str, Any]) -> di
         "arch": meta["arch"],
         "preprocess": {"in_chans": t.in_chans, "input_size": t.input_size, "norm": t.norm},
         "feature_indices": list(t.feature_indices),
+        "dtype": str(bank.dtype),
         "data": dict(data_key),
     }
 
@@ -61,11 +63,19 @@ def row_index(ids: torch.Tensor) -> torch.Tensor:
     return row
 
 
-class TeacherCache:
-    """Row lookup of cached teacher outputs by image id: a drop-in source of TeacherOutputs."""
+ViewFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-    def __init__(self, dirs: Mapping[str, Path], ids: torch.Tensor) -> None:
+
+class TeacherCache:
+    """Row lookup of cached teacher outputs by image id (and view): a source of TeacherOutputs.
+
+    With K cached views, the arrays hold K blocks of len(ids) rows: view k of pool row r is at
+    row k * len(ids) + r.
+    """
+
+    def __init__(self, dirs: Mapping[str, Path], ids: torch.Tensor, views: int = 1) -> None:
         self.dirs = dict(dirs)
+        self.n, self.views = len(ids), views
         self.logits: list[np.ndarray] = []
         self.features: list[list[np.ndarray]] = []
         for d in self.dirs.values():
@@ -79,17 +89,28 @@ class TeacherCache:
         small = path.stat().st_size < IN_MEMORY_BYTES
         return np.load(path) if small else np.load(path, mmap_mode="r")
 
-    def rows(self, index: torch.Tensor) -> np.ndarray:
+    def rows(self, index: torch.Tensor, view: torch.Tensor | None = None) -> np.ndarray:
         r = self.row_of[index.cpu()]
         if (r < 0).any():
             raise KeyError("an image id is not in the teacher cache: the pool changed; rebuild")
+        if self.views > 1 and view is None:
+            raise KeyError(f"the cache holds {self.views} views per image: give each row's view")
+        if view is not None:
+            v = view.cpu().long()
+            if ((v < 0) | (v >= self.views)).any():
+                raise KeyError(f"view out of range: the cache holds {self.views} views")
+            r = r + v * self.n
         return r.numpy()
 
     def lookup(
-        self, index: torch.Tensor, device: torch.device | str, features: bool = True
+        self,
+        index: torch.Tensor,
+        device: torch.device | str,
+        features: bool = True,
+        view: torch.Tensor | None = None,
     ) -> TeacherOutputs:
-        """TeacherOutputs (float32) for the images with ids `index`."""
-        r = self.rows(index)
+        """TeacherOutputs (float32) for the images with ids `index` (in views `view`)."""
+        r = self.rows(index, view)
 
         def take(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a[r])).to(device).float()
@@ -118,6 +139,11 @@ def verify(d: Path, key: Mapping[str, Any], checksums: bool = True) -> bool:
             arr = np.load(p, mmap_mode="r")
             if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
                 return False
+        view = m["key"].get("data", {}).get("view", {})
+        if isinstance(view, dict) and "params_sha256" in view:
+            table = np.load(d / "views.npy").astype(np.int64)
+            if hashlib.sha256(table.tobytes()).hexdigest() != view["params_sha256"]:
+                return False
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         return False
     return True
@@ -125,7 +151,7 @@ def verify(d: Path, key: Mapping[str, Any], checksums: bool = True) -> bool:
 
 @torch.no_grad()
 def allocate(bank: TeacherBank, sample: torch.Tensor, n: int, dirs: Mapping[str, Path]) -> None:
-    """Create each teacher's fp16 arrays ([n, ...]) with shapes read off one sample batch."""
+    """Create each teacher's fp16 arrays ([n rows, ...]) with shapes read off one sample batch."""
     out = bank(sample)
     for i, name in enumerate(bank.names):
         shapes = {"logits.npy": (n, out.logits[i].shape[1])}
@@ -147,11 +173,18 @@ def fill(
     device: torch.device | str,
     rank: int = 0,
     world: int = 1,
+    views: int = 1,
+    view_fn: ViewFn | None = None,
 ) -> None:
-    """Write the rows of the batches this rank owns (batch b belongs to rank b % world)."""
+    """Write the rows of the batches this rank owns (batch b belongs to rank b % world).
+
+    With `views` > 1, each batch is run through the teachers once per view, as made by
+    `view_fn(images, pool_rows, k)`, and stored in block k.
+    """
     row = row_index(ids)
+    n = len(ids)
     arrays = {
-        name: {p.name: np.load(p, mmap_mode="r+") for p in sorted(dirs[name].glob("*.npy"))}
+        name: {p.name: np.load(p, mmap_mode="r+") for p in sorted(dirs[name].glob(ARRAYS))}
         for name in bank.names
     }
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -161,19 +194,22 @@ def fill(
             bar.advance(task)
             if b % world != rank:
                 continue
-            out = bank(batch["image"].to(device))
-            r = row[batch["index"]].numpy()
-            for i, name in enumerate(bank.names):
-                a = arrays[name]
-                a["logits.npy"][r] = out.logits[i].float().cpu().numpy()
-                for j, f in enumerate(out.features[i]):
-                    a[f"feat{j}.npy"][r] = f.float().cpu().numpy()
+            x = batch["image"].to(device)
+            rows = row[batch["index"]]
+            for k in range(views):
+                out = bank(view_fn(x, rows, k) if view_fn is not None else x)
+                r = (rows + k * n).numpy()
+                for i, name in enumerate(bank.names):
+                    a = arrays[name]
+                    a["logits.npy"][r] = out.logits[i].float().cpu().numpy()
+                    for j, f in enumerate(out.features[i]):
+                        a[f"feat{j}.npy"][r] = f.float().cpu().numpy()
     for per in arrays.values():
         for a in per.values():
             a.flush()
 
 
-def write_manifest(d: Path, key: Mapping[str, Any]) -> None:
+def write_manifest(d: Path, key: Mapping[str, Any], views: int = 1) -> None:
     files = {}
     levels = 0
     for p in sorted(d.glob("*.npy")):
@@ -185,7 +221,7 @@ def write_manifest(d: Path, key: Mapping[str, Any]) -> None:
             "dtype": str(arr.dtype),
         }
         levels += p.name.startswith("feat")
-    manifest = {"key": dict(key), "files": files, "levels": levels}
+    manifest = {"key": dict(key), "files": files, "levels": levels, "views": views}
     tmp = d / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(tmp, d / "manifest.json")
@@ -201,8 +237,18 @@ def open_or_build(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    view_table: torch.Tensor | None = None,
+    view_fn: ViewFn | None = None,
 ) -> TeacherCache:
-    """Reuse each teacher's valid cache; (re)build the missing or broken ones, over all ranks."""
+    """Reuse each teacher's valid cache; (re)build the missing or broken ones, over all ranks.
+
+    `view_table` ([K, len(ids), 3]) and `view_fn` cache K augmented views per image: the table
+    (the parameters that made the views) is stored next to the outputs as `views.npy`, and
+    `data_key` must identify it (the data module's cache_key does).
+    """
+    views = 1 if view_table is None else int(view_table.shape[0])
+    if (view_table is None) != (view_fn is None):
+        raise ValueError("give view_table and view_fn together")
     root = Path(root)
     keys = {n: teacher_key(bank, n, data_key) for n in bank.names}
     dirs = {n: root / f"{n}-{bank.metas[n].sha256[:12]}-{digest(k)[:16]}" for n, k in keys.items()}
@@ -225,13 +271,16 @@ def open_or_build(
         loader = loader_factory()
         if rank == 0:
             sample = next(iter(loader))["image"][:2].to(device)
-            allocate(sub, sample, len(ids), tmp)
+            allocate(sub, sample, views * len(ids), tmp)
+            if view_table is not None:
+                for n in todo:
+                    np.save(tmp[n] / "views.npy", view_table.numpy().astype(np.int16))
         barrier()
-        fill(sub, loader, ids, tmp, device, rank, world)
+        fill(sub, loader, ids, tmp, device, rank, world, views, view_fn)
         barrier()
         if rank == 0:
             for n in todo:
-                write_manifest(tmp[n], keys[n])
+                write_manifest(tmp[n], keys[n], views)
                 os.replace(tmp[n], dirs[n])
         barrier()
-    return TeacherCache(dirs, ids)
+    return TeacherCache(dirs, ids, views)
