@@ -110,6 +110,12 @@ def test_block_brings_heterogeneous_maps_to_one_size():
     assert (
         sum(isinstance(m, torch.nn.Sequential) and m is blk.extractor for m in blk.modules()) == 1
     )
+    # one extractor pass over all networks' rows equals one pass per network
+    fs, fts = torch.rand(3, 8, 4, 4), [torch.rand(3, 6, 2, 2), torch.rand(3, 5, 7, 7)]
+    hs, hts, _, tg = blk(fs, fts)
+    torch.testing.assert_close(hs, blk.extractor(blk.align_s(blk.fit(fs))))
+    for h, a, t in zip(hts, blk.align_t, tg, strict=True):
+        torch.testing.assert_close(h, blk.extractor(a(t)))
     blk3 = CommonFeatureBlock(
         (8, 4, 4), [(6, 2, 2)], hidden=4, spatial_size=3, resize_rule="interpolate"
     )
@@ -166,22 +172,25 @@ def test_amalgam_accuracy_matches_brute_force():
     assert float(mb.compute()["joint"]) == 1.0
 
 
-def test_conv3x3_on_1x1_maps_equals_padded_conv():
-    from amalgam.methods.cfl import Conv3x3
+@pytest.mark.parametrize("k", [1, 3])
+def test_map_conv_on_1x1_maps_equals_padded_conv(k):
+    from amalgam.methods.cfl import MapConv
 
     torch.manual_seed(0)
-    fast = Conv3x3(6, 4)
-    ref = torch.nn.Conv2d(6, 4, 3, padding=1)
+    fast = MapConv(6, 4, k)
+    ref = torch.nn.Conv2d(6, 4, k, padding=k // 2)
     ref.load_state_dict(fast.state_dict())
     for shape in ((5, 6, 1, 1), (5, 6, 3, 3)):
         x = torch.randn(*shape, requires_grad=True)
         x2 = x.detach().clone().requires_grad_()
         a, b = fast(x), ref(x2)
+        assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         a.square().sum().backward()
         b.square().sum().backward()
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-6)
         fast.zero_grad()
         ref.zero_grad()
 

@@ -28,6 +28,7 @@ from amalgam.launch import method_name
 from amalgam.losses import soft_target_loss
 from amalgam.methods.base import concat_teacher_logits
 from amalgam.module import AmalgamModule
+from amalgam.optim import build_optimizer
 from amalgam.teachers.cache import open_or_build
 from amalgam.utils import CONF_DIR, quiet_known_warnings
 
@@ -83,9 +84,10 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     ids = [b["index"] for b in batches]
     n = xs[0].shape[0]
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-4)
     s_params = [p for p in module.student.parameters() if p.requires_grad]
-    s_opt = torch.optim.Adam(s_params, lr=1e-4)
+    # the training run's optimiser (type, fused kernels), at a small lr
+    opt = build_optimizer(cfg.optim, [{"params": params, "lr": 1e-4}])
+    s_opt = build_optimizer(cfg.optim, [{"params": s_params, "lr": 1e-4}])
     with torch.no_grad():
         targets = [
             concat_teacher_logits(module.teachers(x, features=False).logits, module.space)
@@ -144,6 +146,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "method": method_name(cfg),
         "student": str(cfg.student.arch),
         "teachers": {k: m.arch for k, m in module.teachers.metas.items()},
+        "teacher_dtype": str(module.teachers.dtype).replace("torch.", ""),
+        "optimizer": type(opt).__name__ + (" (fused)" if opt.defaults.get("fused") else ""),
         "steps": steps,
         "rounds": rounds,
         "img_per_s": ips,
@@ -164,7 +168,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
             + ", ".join(f"{k} ({v})" for k, v in r["teachers"].items()),
             "",
             f"Machine: {r['machine']}. Batch {r['batch']}, {r['image_size']} px, "
-            f"{r['channels']} channel(s); median of {r['rounds']} interleaved rounds of "
+            f"{r['channels']} channel(s); teachers in {r['teacher_dtype']}; optimiser "
+            f"{r['optimizer']}; median of {r['rounds']} interleaved rounds of "
             f"{r['steps']} steps each. Command: `{command}`",
             "",
             "| phase | images/s |",
