@@ -12,30 +12,33 @@ from omegaconf import DictConfig, OmegaConf
 from amalgam.amalgamate import final_report
 from amalgam.build import build_amalgamation
 from amalgam.launch import method_name
+from amalgam.module import AmalgamModule
 from amalgam.tasks import ConfigError
 from amalgam.utils import CONF_DIR, quiet_known_warnings
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A student checkpoint of amalgam.amalgamate, loaded with weights_only=True."""
     path = Path(path)
+    hint = "pass <run dir>/checkpoints/final.ckpt (or last.ckpt) of an amalgam.amalgamate run"
     if not path.is_file():
-        raise ConfigError(f"ckpt_path '{path}' not found")
+        raise ConfigError(f"ckpt_path '{path}' not found: {hint}")
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"checkpoint '{path}' cannot be read safely: {e}") from e
-    if "amalgam" not in ckpt:
-        raise ConfigError(f"checkpoint '{path}' was not written by amalgam.amalgamate")
+        raise ConfigError(f"checkpoint '{path}' cannot be read safely: {e}; {hint}") from e
+    if not isinstance(ckpt, dict) or "amalgam" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(
+            f"checkpoint '{path}' was not written by amalgam.amalgamate (no 'amalgam' record): "
+            f"{hint}"
+        )
     return ckpt
 
 
-def evaluate_checkpoint(
-    ckpt_path: str | Path,
-    out_dir: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Rebuild teachers (hash-checked), student and method from a checkpoint; evaluate."""
-    quiet_known_warnings()
+def load_amalgamation(
+    ckpt_path: str | Path, overrides: dict[str, Any] | None = None
+) -> tuple[DictConfig, Any, AmalgamModule]:
+    """(config, datamodule, eval-mode module) rebuilt from a checkpoint; teachers hash-checked."""
     ckpt = read_checkpoint(ckpt_path)
     rec = ckpt["amalgam"]
     cfg = OmegaConf.create(rec["config"])
@@ -58,6 +61,18 @@ def evaluate_checkpoint(
             f"checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     module.eval()
+    return cfg, dm, module
+
+
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rebuild teachers (hash-checked), student and method from a checkpoint; evaluate."""
+    quiet_known_warnings()
+    cfg, dm, module = load_amalgamation(ckpt_path, overrides)
+    hashes = module.teachers.hashes()
     extra = {
         "method": method_name(cfg),
         "seed": int(cfg.seed),
