@@ -4,7 +4,7 @@ import torch
 
 from amalgam.backbone import Backbone
 from amalgam.evaluation import AmalgamAccuracy
-from amalgam.methods import CFL, KD, CommonFeatureBlock, Scratch, concat_teacher_logits
+from amalgam.methods import CFL, KD, CommonFeatureBlock, Scratch
 from amalgam.module import AmalgamModule, images_of
 from amalgam.tasks import ConfigError, LabelSpace
 from amalgam.teachers import TeacherMeta, export_teacher, load_teacher_bank
@@ -124,13 +124,16 @@ def test_block_brings_heterogeneous_maps_to_one_size():
         CommonFeatureBlock((8, 4, 4), [(6, 2, 2)], resize_rule="nearest-ish")
 
 
-def test_kd_target_is_softmax_of_concatenated_logits(bank):
-    la, lb = torch.randn(4, 3), torch.randn(4, 2)
-    cat = concat_teacher_logits([la, lb], bank.space)
-    assert torch.equal(cat, torch.cat([la, lb], 1))
-    overlap = LabelSpace.from_mapping({"a": ["x", "y"], "b": ["y", "z"]})
-    with pytest.raises(ConfigError, match="overlapping"):
-        concat_teacher_logits([la[:, :2], lb], overlap)
+def test_kd_loss_is_the_reference_loss_on_concatenated_logits(bank):
+    from amalgam.backbone import ModelOutput
+    from amalgam.losses import soft_target_loss
+    from amalgam.teachers.bank import TeacherOutputs
+
+    la, lb, s = torch.randn(4, 3), torch.randn(4, 2), torch.randn(4, 5)
+    kd = KD(bank.space, temperature=2.0)
+    got = kd(ModelOutput(s, []), TeacherOutputs([la, lb], [[], []]))["kd"]
+    want = soft_target_loss(s, torch.cat([la, lb], 1), 2.0)
+    torch.testing.assert_close(got, want)
 
 
 def test_scratch_is_marked_as_using_labels():
@@ -215,3 +218,22 @@ def test_loss_terms_logged_only_on_logger_steps(bank, monkeypatch):
         loss = module.training_step(batch, step)
         assert loss.requires_grad and torch.isfinite(loss)
     assert logged == [0, 3, 7]  # the first step, then Lightning's logger steps (n + 1) % 4 == 0
+
+
+def test_per_teacher_weights_scale_that_teachers_mmd_and_reconstruction(bank):
+    from amalgam.losses import mmd, reconstruction_loss
+
+    s = student()
+    ss, ts = shapes(bank, s)
+    torch.manual_seed(3)
+    m = CFL(bank.space, ss, ts, hidden=8, teacher_weights={"a": 0.0, "b": 3.0})
+    module = AmalgamModule(bank, s, m, {"lr": 1e-3})
+    x = torch.rand(6, 3, 16, 16)
+    terms = module.losses(x)
+    so, to = s(x), bank(x)
+    hs, hts, recs, tg = m.blocks[0](so.features[0], [f[0] for f in to.features])
+    w = m.weights
+    torch.testing.assert_close(terms["mmd"], w["mmd"] * 3.0 * mmd(hs, hts[1], m.sigmas))
+    torch.testing.assert_close(terms["rec"], w["rec"] * 3.0 * reconstruction_loss(recs[1], tg[1]))
+    with pytest.raises(ConfigError, match="unknown teachers"):
+        CFL(bank.space, ss, ts, teacher_weights={"zz": 1.0})

@@ -25,8 +25,7 @@ from rich.table import Table
 
 from amalgam.build import build_amalgamation
 from amalgam.launch import method_name
-from amalgam.losses import soft_target_loss
-from amalgam.methods.base import concat_teacher_logits
+from amalgam.losses import soft_cross_entropy
 from amalgam.module import AmalgamModule
 from amalgam.optim import build_optimizer
 from amalgam.teachers.cache import open_or_build
@@ -89,17 +88,15 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     opt = build_optimizer(cfg.optim, [{"params": params, "lr": 1e-4}])
     s_opt = build_optimizer(cfg.optim, [{"params": s_params, "lr": 1e-4}])
     with torch.no_grad():
-        targets = [
-            concat_teacher_logits(module.teachers(x, features=False).logits, module.space)
-            for x in xs
-        ]
+        rule = module.method.targets
+        targets = [rule(module.teachers(x, features=False).logits) for x in xs]
 
     def teachers(i: int) -> None:
         module.teachers(xs[i], features=module.method.needs_features)
 
     def student(i: int) -> None:
         out = module.student(xs[i], features=module.method.needs_features)
-        loss = soft_target_loss(out.logits, targets[i])
+        loss = soft_cross_entropy(out.logits, targets[i])
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
         s_opt.step()

@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from amalgam.backbone import Backbone
-from amalgam.methods.base import concat_teacher_logits
+from amalgam.targets import TargetRule, union_log_targets
 from amalgam.tasks import LabelSpace
 from amalgam.teachers.bank import TeacherBank
 
@@ -90,21 +90,34 @@ def evaluate(
     loader,
     space: LabelSpace,
     device: torch.device | str = "cpu",
+    targets: TargetRule | None = None,
 ) -> dict[str, Any]:
-    """Accuracies of student and teachers on the loader's labeled images (union labels)."""
+    """Accuracies of student and teachers on the loader's labeled images (union labels).
+
+    The teachers' joint prediction is the argmax of the target rule's distribution (default:
+    concatenated logits); task-aware teacher accuracy is each teacher's own head on its task.
+    """
     was = student.training
     student.eval()
     # local to this process: the final report runs on rank 0 alone, never a collective
     s_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device)
     t_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device)
+    # each teacher's own head on its own task (a shared class must not borrow another's logit)
+    own = [AmalgamAccuracy(space, sync_on_compute=False).to(device) for _ in space.tasks]
+    index = [torch.tensor(space.indices(t.name), device=device) for t in space.tasks]
     n = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         s_acc.update(student(x, features=False).logits, y)
-        t_acc.update(concat_teacher_logits(teachers(x, features=False).logits, space), y)
+        logits = teachers(x, features=False).logits
+        t_acc.update(union_log_targets(logits, space, targets), y)
+        for metric, z, idx in zip(own, logits, index, strict=True):
+            full = z.new_full((len(z), space.num_classes), float("-inf"))
+            metric.update(full.index_copy_(1, idx, z.float()), y)
         n += y.numel()
     student.train(was)
     s, t = s_acc.compute(), t_acc.compute()
+    t |= {task.name: own[i].compute()[task.name] for i, task in enumerate(space.tasks)}
     totals = s_acc.total.tolist()
     tasks = {
         task.name: {

@@ -10,14 +10,21 @@ import torch.nn.functional as F
 REFERENCE_SIGMAS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)
 
 
+def soft_cross_entropy(
+    student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Cross entropy between a target distribution and the student's softmax(./T), times T^2."""
+    t = temperature
+    logp = F.log_softmax(student_logits.float() / t, dim=1)
+    return -(target_probs.float() * logp).sum(1).mean() * t * t
+
+
 def soft_target_loss(
     student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """Cross entropy between softmax(target/T) and the student's softmax(./T), times T^2."""
-    t = temperature
-    target = F.softmax(target_logits.float() / t, dim=1)
-    logp = F.log_softmax(student_logits.float() / t, dim=1)
-    return -(target * logp).sum(1).mean() * t * t
+    target = F.softmax(target_logits.float() / temperature, dim=1)
+    return soft_cross_entropy(student_logits, target, temperature)
 
 
 def multi_kernel(d2: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Amalgamation methods: one small module per file, each returning named, weighted losses."""
 
-from amalgam.methods.base import Method, concat_teacher_logits
+from amalgam.methods.base import Method
 from amalgam.methods.cfl import CFL, CommonFeatureBlock
 from amalgam.methods.kd import KD
 from amalgam.methods.scratch import Scratch
 
-__all__ = ["CFL", "KD", "CommonFeatureBlock", "Method", "Scratch", "concat_teacher_logits"]
+__all__ = ["CFL", "KD", "CommonFeatureBlock", "Method", "Scratch"]

@@ -8,24 +8,19 @@ import torch
 from torch import nn
 
 from amalgam.backbone import ModelOutput
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.targets import Concat, TargetRule
+from amalgam.tasks import LabelSpace
 from amalgam.teachers.bank import TeacherOutputs
 
 Shape = tuple[int, int, int]
 
 
-def concat_teacher_logits(logits: Sequence[torch.Tensor], space: LabelSpace) -> torch.Tensor:
-    """Teacher logits laid out over the union label space (teacher order = union order)."""
-    if not space.disjoint:
-        raise ConfigError(
-            "teachers with overlapping class sets are not supported by the soft-target rule "
-            f"yet (tasks {space.as_dict()}); make the class sets disjoint"
-        )
-    return torch.cat(list(logits), dim=1)
-
-
 class Method(nn.Module):
-    """Subclasses set the flags and return {term name: weighted loss} from `forward`."""
+    """Subclasses set the flags and return {term name: weighted loss} from `forward`.
+
+    `targets` is the rule that turns the teachers' logits into soft targets over the union
+    label space (amalgam.targets; default: the reference's concatenation rule).
+    """
 
     uses_labels: bool = False
     uses_teachers: bool = True
@@ -37,10 +32,12 @@ class Method(nn.Module):
         student_shapes: Sequence[Shape] = (),
         teacher_shapes: Mapping[str, Sequence[Shape]] | None = None,
         weights: Mapping[str, float] | None = None,
+        targets: TargetRule | None = None,
     ) -> None:
         super().__init__()
         self.space = space
         self.weights = {k: float(v) for k, v in (weights or {}).items()}
+        self.targets = targets if targets is not None else Concat(space)
 
     def active(self, term: str) -> bool:
         return self.weights.get(term, 0.0) != 0.0

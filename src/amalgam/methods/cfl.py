@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from amalgam.backbone import ModelOutput
-from amalgam.losses import REFERENCE_SIGMAS, mmd, reconstruction_loss, soft_target_loss
-from amalgam.methods.base import Method, Shape, concat_teacher_logits
+from amalgam.losses import REFERENCE_SIGMAS, mmd, reconstruction_loss, soft_cross_entropy
+from amalgam.methods.base import Method, Shape
+from amalgam.targets import TargetRule
 from amalgam.tasks import ConfigError, LabelSpace
 from amalgam.teachers.bank import TeacherOutputs
 
@@ -151,12 +152,22 @@ class CFL(Method):
         resize: str = "pool",
         pooled: bool = False,
         sigmas: Sequence[float] = REFERENCE_SIGMAS,
+        teacher_weights: Mapping[str, float] | None = None,
+        targets: TargetRule | None = None,
     ) -> None:
         weights = weights or {"kd": 1.0, "mmd": 10.0, "rec": 10.0}
-        super().__init__(space, student_shapes, teacher_shapes, weights)
+        super().__init__(space, student_shapes, teacher_shapes, weights, targets)
         self.temperature = float(temperature)
         self.sigmas = tuple(float(s) for s in sigmas)
         names = list(teacher_shapes)
+        tw = dict(teacher_weights or {})
+        unknown = sorted(set(tw) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"method.teacher_weights names unknown teachers {unknown}; teachers are {names}"
+            )
+        # per-teacher factor on that teacher's MMD and reconstruction terms (default 1)
+        self.teacher_weights = [float(tw.get(n, 1.0)) for n in names]
         levels = len(student_shapes)
         if any(len(teacher_shapes[n]) != levels for n in names):
             raise ConfigError(
@@ -181,10 +192,8 @@ class CFL(Method):
         self, student: ModelOutput, teachers: TeacherOutputs | None, labels=None
     ) -> dict[str, torch.Tensor]:
         w = self.weights
-        target = concat_teacher_logits(teachers.logits, self.space)
-        terms = {
-            "kd": w.get("kd", 0.0) * soft_target_loss(student.logits, target, self.temperature)
-        }
+        q = self.targets(teachers.logits, self.temperature)
+        terms = {"kd": w.get("kd", 0.0) * soft_cross_entropy(student.logits, q, self.temperature)}
         if not (self.active("mmd") or self.active("rec")):
             return terms
         mmd_sum = student.logits.new_zeros((), dtype=torch.float32)
@@ -192,11 +201,14 @@ class CFL(Method):
         for lvl, block in enumerate(self.blocks):
             fts = [f[lvl] for f in teachers.features]
             hs, hts, recs, targets = block(student.features[lvl], fts)
+            tw = self.teacher_weights
             if self.active("mmd"):
-                for ht in hts:
-                    mmd_sum = mmd_sum + mmd(hs, ht, self.sigmas)
-            for rec, tgt in zip(recs, targets, strict=False):
-                rec_sum = rec_sum + reconstruction_loss(rec, tgt)
+                for w_i, ht in zip(tw, hts, strict=True):
+                    if w_i:
+                        mmd_sum = mmd_sum + w_i * mmd(hs, ht, self.sigmas)
+            for w_i, rec, tgt in zip(tw, recs, targets, strict=False):
+                if w_i:
+                    rec_sum = rec_sum + w_i * reconstruction_loss(rec, tgt)
         if self.active("mmd"):
             terms["mmd"] = w["mmd"] * mmd_sum
         if self.active("rec"):

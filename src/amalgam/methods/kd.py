@@ -7,8 +7,9 @@ from collections.abc import Mapping
 import torch
 
 from amalgam.backbone import ModelOutput
-from amalgam.losses import soft_target_loss
-from amalgam.methods.base import Method, concat_teacher_logits
+from amalgam.losses import soft_cross_entropy
+from amalgam.methods.base import Method
+from amalgam.targets import TargetRule
 from amalgam.tasks import LabelSpace
 from amalgam.teachers.bank import TeacherOutputs
 
@@ -21,14 +22,13 @@ class KD(Method):
         teacher_shapes=None,
         weights: Mapping[str, float] | None = None,
         temperature: float = 1.0,
+        targets: TargetRule | None = None,
     ) -> None:
-        super().__init__(space, student_shapes, teacher_shapes, weights or {"kd": 1.0})
+        super().__init__(space, student_shapes, teacher_shapes, weights or {"kd": 1.0}, targets)
         self.temperature = float(temperature)
 
     def forward(
         self, student: ModelOutput, teachers: TeacherOutputs | None, labels=None
     ) -> dict[str, torch.Tensor]:
-        target = concat_teacher_logits(teachers.logits, self.space)
-        return {
-            "kd": self.weights["kd"] * soft_target_loss(student.logits, target, self.temperature)
-        }
+        q = self.targets(teachers.logits, self.temperature)
+        return {"kd": self.weights["kd"] * soft_cross_entropy(student.logits, q, self.temperature)}

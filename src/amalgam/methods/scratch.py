@@ -16,8 +16,10 @@ class Scratch(Method):
     uses_labels = True
     uses_teachers = False
 
-    def __init__(self, space, student_shapes=(), teacher_shapes=None, weights=None) -> None:
-        super().__init__(space, student_shapes, teacher_shapes, weights or {"ce": 1.0})
+    def __init__(
+        self, space, student_shapes=(), teacher_shapes=None, weights=None, targets=None
+    ) -> None:
+        super().__init__(space, student_shapes, teacher_shapes, weights or {"ce": 1.0}, targets)
 
     def forward(self, student: ModelOutput, teachers=None, labels=None) -> dict[str, torch.Tensor]:
         if labels is None:

@@ -1,0 +1,117 @@
+"""Heterogeneous teacher sets: ViT + CNN + EfficientNet at different input sizes, 1-4 teachers,
+and teachers whose class sets share a class."""
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+from omegaconf import open_dict
+
+from amalgam.amalgamate import amalgamate
+from amalgam.build import build_amalgamation
+from amalgam.evaluation import evaluate
+from amalgam.teachers import TeacherMeta, export_teacher
+from conftest import make_cfg
+
+QUIET = ["~callbacks.progress", "+trainer.enable_progress_bar=false"]
+
+# random-init teachers (plumbing, not accuracy): name -> (arch, classes, input size, kwargs)
+EXTRA = {
+    "vit": ("test_vit", ["c6", "c7"], 32, {"img_size": 32, "patch_size": 8}),
+    "convnext": ("test_convnext", ["c8", "c9"], 40, {}),
+    "shared": ("test_resnet", ["c2", "c3"], None, {}),
+}
+
+
+def teacher_entry(root, name):
+    arch, classes, size, kwargs = EXTRA[name]
+    torch.manual_seed(len(name))
+    model = timm.create_model(arch, num_classes=len(classes), **kwargs)
+    meta = TeacherMeta(name, arch, list(classes), input_size=size, model_kwargs=dict(kwargs))
+    path = export_teacher(model, meta, root / "extra_teachers")
+    return {"name": name, "arch": arch, "classes": list(classes), "weights": str(path)}
+
+
+def config(tiny_teachers, tmp_path, names, overrides=()):
+    cfg = make_cfg(
+        "amalgamate",
+        ["experiment=tiny", "debug=fast_dev_run", *QUIET, *overrides],
+        tiny_teachers,
+        tmp_path / "run",
+    )
+    with open_dict(cfg):
+        known = dict(cfg.teacher_set)
+        cfg.teacher_set = {n: known[n] if n in known else teacher_entry(tmp_path, n) for n in names}
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "names",
+    [("tiny_a", "vit", "tiny_b"), ("tiny_a", "vit", "tiny_b", "convnext")],
+    ids=["3_vit_cnn_effnet", "4_teachers"],
+)
+def test_mixed_families_and_sizes_fast_dev_run_writes_results(tiny_teachers, tmp_path, names):
+    cfg = config(tiny_teachers, tmp_path, names)
+    _, module = build_amalgamation(cfg)
+    # feature maps of each teacher (ViT patch tokens as a map, CLS dropped) found automatically
+    sizes = {n: t.input_size for n, t in module.teachers.teachers.items()}
+    assert sizes["tiny_b"] == 24 and sizes["vit"] == 32
+    block = module.method.blocks[0]
+    chans = [a[0].in_channels for a in block.align_t]
+    want = [module.teachers.teachers[n].feature_shapes(16, 3)[0][0] for n in names]
+    assert chans == want and len(chans) == len(names)
+    res = amalgamate(cfg)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(on_disk["tasks"]) == set(names) == set(res["tasks"])
+    n_classes = sum(len(t["classes"]) for t in on_disk["tasks"].values())
+    assert module.student.model.num_classes == n_classes == len(module.space.classes)
+    for t in on_disk["tasks"].values():
+        assert 0 <= t["student_acc"] <= 1 and 0 <= t["teacher_acc"] <= 1 and t["n_test"] > 0
+
+
+@pytest.mark.parametrize("names", [("tiny_a",), ("tiny_a", "tiny_b")], ids=["1", "2"])
+def test_one_and_two_teachers_train_a_step(tiny_teachers, tmp_path, names):
+    cfg = config(tiny_teachers, tmp_path, names)
+    dm, module = build_amalgamation(cfg)
+    x = next(iter(dm.train_dataloader()))["image"]
+    terms = module.losses(x)
+    assert set(terms) == {"kd", "mmd", "rec"}
+    loss = sum(terms.values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.student.model.get_classifier().weight.grad.abs().sum() > 0
+    assert len(module.method.blocks[0].align_t) == len(names)
+
+
+def test_shared_class_student_head_and_soft_targets(tiny_teachers, tmp_path):
+    """tiny_a knows c0 c1 c2, `shared` knows c2 c3: the student has c0..c3, c2 once."""
+    cfg = config(tiny_teachers, tmp_path, ("tiny_a", "shared"))
+    dm, module = build_amalgamation(cfg)
+    assert module.space.classes == ("c0", "c1", "c2", "c3")
+    assert module.student.model.get_classifier().out_features == 4
+    x = next(iter(dm.train_dataloader()))["image"][:8]
+    za, zb = module.teachers(x, features=False).logits
+    q = module.method.targets([za, zb])
+    torch.testing.assert_close(q.sum(1), torch.ones(8))
+    for r in range(8):  # the documented rule, by hand
+        a, b = [math.exp(v) for v in za[r].tolist()], [math.exp(v) for v in zb[r].tolist()]
+        s = sum(a) + sum(b)
+        want = [a[0] / s, a[1] / s, (a[2] + b[0]) / s, b[1] / s]
+        assert q[r].tolist() == pytest.approx(want, rel=1e-5, abs=1e-7)
+    terms = module.losses(x)
+    sum(terms.values()).backward()
+    assert all(torch.isfinite(v) for v in terms.values())
+    # teacher accuracy on a task = that teacher's own head, never another teacher's logit
+    res = evaluate(module.student, module.teachers, dm.test_dataloader(), module.space)
+    own = 0
+    total = 0
+    for xb, yb in dm.test_dataloader():
+        keep = (yb == 2) | (yb == 3)
+        zb = module.teachers(xb[keep], features=False).logits[1]
+        own += int((zb.argmax(1) == yb[keep] - 2).sum())
+        total += int(keep.sum())
+    assert res["tasks"]["shared"]["n_test"] == total
+    assert res["tasks"]["shared"]["teacher_acc"] == pytest.approx(own / total)
