@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +30,10 @@ def build_datamodule(data_cfg: Any, tasks: Mapping[str, Any]):
 def teacher_tasks(teacher_set: Mapping[str, Any]) -> dict[str, list]:
     """Each teacher's classes: its metadata file's names, else the config's names/indices."""
     if not teacher_set:
-        raise ConfigError("teacher_set is empty: amalgamation needs at least one teacher")
+        raise ConfigError(
+            "teacher_set is empty: amalgamation needs at least one teacher; pick a set "
+            "(e.g. teacher_set=fashion2) or add entries teacher_set.<name>.weights=..."
+        )
     tasks = {}
     for name, t in teacher_set.items():
         weights = teacher_weights(name, t)
@@ -97,11 +101,16 @@ def build_method(
     bank: TeacherBank,
     image_size: int,
     channels: int,
+    targets_cfg: Any = None,
 ):
+    """The method for this student and bank; `targets_cfg` (the `targets` group) is its rule."""
     method_cfg = dict(to_dict(method_cfg))
     method_cfg.pop("name", None)
     factory = hydra.utils.instantiate(method_cfg)
     needs = getattr(factory.func, "needs_features", False)
+    if targets_cfg is not None:
+        rule = hydra.utils.instantiate(to_dict(targets_cfg))
+        factory = functools.partial(factory, targets=rule(space=space))
     s_shapes = student.feature_shapes(image_size, channels) if needs else []
     t_shapes = {
         n: (t.feature_shapes(image_size, channels) if needs else [])
@@ -112,12 +121,16 @@ def build_method(
 
 def build_amalgamation(cfg: DictConfig) -> tuple[Any, AmalgamModule]:
     """(datamodule, module) for an amalgamation config. Cheap checks come first."""
+    from amalgam.validate import validate_amalgamation, validate_label_space  # imports build
+
+    validate_amalgamation(cfg)  # before any image is read or any teacher runs
     teacher_set = to_dict(cfg.teacher_set)
     check_arch(cfg.student.arch, "student.arch")
     tasks = teacher_tasks(teacher_set)
     dm = build_datamodule(cfg.data, tasks)
     space = dm.label_space
     check_config_classes(teacher_set, space, dm.source.classes)
+    validate_label_space(cfg, space)
     for name in teacher_set:
         teacher_set[name]["class_names"] = list(space.task(name).classes)
     feat_idx = to_dict(cfg.student.get("feature_indices", [-1]))
@@ -125,6 +138,8 @@ def build_amalgamation(cfg: DictConfig) -> tuple[Any, AmalgamModule]:
         teacher_set, feature_indices=feat_idx, dtype=cfg.get("teacher_dtype", "float32")
     )
     student = build_student(to_dict(cfg.student), space.num_classes)
-    method = build_method(cfg.method, space, student, bank, dm.image_size, dm.channels)
+    method = build_method(
+        cfg.method, space, student, bank, dm.image_size, dm.channels, cfg.get("targets")
+    )
     record = {"config": to_dict(cfg), "label_space": space.as_dict()}
     return dm, AmalgamModule(bank, student, method, to_dict(cfg.optim), record)

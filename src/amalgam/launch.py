@@ -12,8 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from amalgam.build import to_dict
 from amalgam.tasks import ConfigError
 from amalgam.utils import log
+from amalgam.validate import check_checkpoint, check_run_dirs
 
 
 def hydra_mode() -> RunMode | None:
@@ -35,7 +37,9 @@ def variant_name(cfg: DictConfig) -> str:
 
 
 def check_launch(cfg: DictConfig) -> None:
-    """Refuse a DDP trainer that would spawn children inside a Hydra multirun (STACK.md)."""
+    """Refuse a DDP trainer that would spawn children inside a Hydra multirun (STACK.md), and
+    directories the run cannot write."""
+    check_run_dirs(cfg)
     t = cfg.trainer
     strategy = str(t.get("strategy", "auto"))
     devices = t.get("devices", 1)
@@ -51,16 +55,22 @@ def check_launch(cfg: DictConfig) -> None:
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from: ckpt_path, or <run dir>/checkpoints/last.ckpt for 'last'."""
+    """The checkpoint to resume from: ckpt_path, or <run dir>/checkpoints/last.ckpt for 'last'.
+
+    It is read safely (tensors only) and must come from this run's teacher set.
+    """
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         return None
     if str(ckpt) == "last":
         path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        return path if path.is_file() else None
-    path = Path(str(ckpt))
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path '{ckpt}' not found: give a checkpoint file, or 'last'")
+        if not path.is_file():
+            return None
+    else:
+        path = Path(str(ckpt))
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path '{ckpt}' not found: give a checkpoint file, or 'last'")
+    check_checkpoint(path, to_dict(cfg.get("teacher_set")) or {})
     return path
 
 

@@ -14,11 +14,13 @@ from amalgam.build import build_datamodule, to_dict
 from amalgam.classifier import ClassifierModule
 from amalgam.teachers.io import TeacherMeta, export_teacher
 from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
+from amalgam.validate import validate_teacher_training
 
 
 def train_teacher(cfg: DictConfig) -> Path:
     """Train `cfg.teacher` on its task with labels; export safetensors + metadata."""
     quiet_known_warnings()
+    validate_teacher_training(cfg)  # before any image is read
     L.seed_everything(cfg.seed, workers=True)
     t = cfg.teacher
     name = str(t.name)

@@ -22,6 +22,7 @@ class Method(nn.Module):
     label space (amalgam.targets; default: the reference's concatenation rule).
     """
 
+    terms: tuple[str, ...] = ()  # names of the loss terms (keys of `weights`)
     uses_labels: bool = False
     uses_teachers: bool = True
     needs_features: bool = False

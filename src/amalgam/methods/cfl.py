@@ -137,6 +137,7 @@ class CommonFeatureBlock(nn.Module):
 
 
 class CFL(Method):
+    terms = ("kd", "mmd", "rec")
     needs_features = True
 
     def __init__(

@@ -15,6 +15,8 @@ from amalgam.teachers.bank import TeacherOutputs
 
 
 class KD(Method):
+    terms = ("kd",)
+
     def __init__(
         self,
         space: LabelSpace,

@@ -13,6 +13,7 @@ from amalgam.methods.base import Method
 
 
 class Scratch(Method):
+    terms = ("ce",)
     uses_labels = True
     uses_teachers = False
 

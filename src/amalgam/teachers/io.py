@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,6 +21,7 @@ from amalgam.backbone import Backbone, classifier_prefix, create_timm, default_n
 from amalgam.tasks import ConfigError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+V = TypeVar("V")  # a state dict's values: tensors, or their shapes
 
 
 @dataclass
@@ -64,16 +67,44 @@ def meta_path(weights: str | os.PathLike) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def read_weights(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Load a tensor dict without ever unpickling code: safetensors, or torch with weights_only."""
+def _unreadable(path: Path, what: str, e: Exception, fix: str = "") -> ConfigError:
+    fix = fix or "Re-export it as safetensors."
+    refused = re.search(r"WeightsUnpickler error: (.*?\.)(\s|$)", str(e))
+    if refused:
+        return ConfigError(
+            f"{what} file '{path}' cannot be read safely: it holds pickled Python objects, not "
+            f"only tensors ({refused.group(1)}), and unpickling them could run code: refused "
+            f"(untrusted code). {fix}"
+        )
+    return ConfigError(
+        f"{what} file '{path}' cannot be read safely ({type(e).__name__}: {str(e)[:200]}). "
+        f"It is truncated, corrupt, or needs full pickle (refused: untrusted code). {fix}"
+    )
+
+
+def torch_load_safely(path: str | os.PathLike, what: str, fix: str = "") -> Any:
+    """torch.load with weights_only=True (tensors and plain containers only, never code)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _unreadable(Path(path), what, e, fix) from e
+
+
+def _existing(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} file '{path}' not found: check the path in the config")
+    return path
+
+
+def read_weights(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Load a tensor dict without ever unpickling code: safetensors, or torch with weights_only."""
+    path = _existing(path, what)
     try:
         if path.suffix == ".safetensors":
             sd: Any = load_file(str(path))
         elif path.suffix in TORCH_SUFFIXES:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = torch_load_safely(path, what)
         else:
             raise ConfigError(
                 f"{what} file '{path}': unknown suffix '{path.suffix}'; use .safetensors "
@@ -82,11 +113,7 @@ def read_weights(path: str | os.PathLike, what: str = "weights") -> dict[str, to
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(
-            f"{what} file '{path}' cannot be read safely ({type(e).__name__}: {str(e)[:200]}). "
-            f"It is truncated, corrupt, or needs full pickle (refused: untrusted code). "
-            f"Re-export it as safetensors."
-        ) from e
+        raise _unreadable(path, what, e) from e
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -94,9 +121,19 @@ def read_weights(path: str | os.PathLike, what: str = "weights") -> dict[str, to
     return dict(sd)
 
 
-def strip_prefix(
-    sd: Mapping[str, torch.Tensor], model_keys: Sequence[str]
-) -> dict[str, torch.Tensor]:
+def weight_shapes(path: str | os.PathLike, what: str = "weights") -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a weights file; a safetensors file's header only."""
+    path = _existing(path, what)
+    if path.suffix != ".safetensors":
+        return {k: tuple(v.shape) for k, v in read_weights(path, what).items()}
+    try:
+        with safe_open(str(path), "pt") as f:  # checks the header covers the whole file
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise _unreadable(path, what, e) from e
+
+
+def strip_prefix(sd: Mapping[str, V], model_keys: Sequence[str]) -> dict[str, V]:
     """Drop the prefix that wrappers add ('model.', 'module.', 'student.model.', ...)."""
     keys = set(model_keys)
     if keys & set(sd):
@@ -112,23 +149,26 @@ def strip_prefix(
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], num_classes: int, who: str) -> None:
-    """Strictly load `sd` into `model`, with errors that say what does not fit."""
-    expected = model.state_dict()
-    sd = strip_prefix(sd, list(expected))
-    head = classifier_prefix(model)
-    hw = sd.get(f"{head}.weight")
-    if hw is not None and hw.shape[0] != num_classes:
+def check_fit(
+    expected: Mapping[str, Sequence[int]],
+    given: Mapping[str, Sequence[int]],
+    head: str,
+    num_classes: int,
+    who: str,
+) -> None:
+    """Refuse weights (name -> shape, prefix stripped) that do not fit a model's state dict."""
+    hw = given.get(f"{head}.weight")
+    if hw is not None and hw[0] != num_classes:
         raise ConfigError(
-            f"{who}: the head '{head}' has {hw.shape[0]} outputs but the class list has "
+            f"{who}: the head '{head}' has {hw[0]} outputs but the class list has "
             f"{num_classes} classes: fix the class list or use the right weights file"
         )
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
     shapes = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(sd) & set(expected))
-        if sd[k].shape != expected[k].shape
+        f"{k}: file {tuple(given[k])} vs model {tuple(expected[k])}"
+        for k in sorted(set(given) & set(expected))
+        if tuple(given[k]) != tuple(expected[k])
     ]
     if missing or unexpected or shapes:
         raise ConfigError(
@@ -137,6 +177,19 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], num_classes: int
             f"{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}. "
             f"Check the architecture name and the weights file."
         )
+
+
+def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], num_classes: int, who: str) -> None:
+    """Strictly load `sd` into `model`, with errors that say what does not fit."""
+    expected = model.state_dict()
+    sd = strip_prefix(sd, list(expected))
+    check_fit(
+        {k: tuple(v.shape) for k, v in expected.items()},
+        {k: tuple(v.shape) for k, v in sd.items()},
+        classifier_prefix(model),
+        num_classes,
+        who,
+    )
     model.load_state_dict(sd, strict=True)
 
 
