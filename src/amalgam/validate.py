@@ -29,9 +29,9 @@ from amalgam.data import sources
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
 from amalgam.teachers.io import (
     check_fit,
+    match_keys,
     read_meta,
     resolve_meta,
-    strip_prefix,
     torch_load_safely,
     weight_shapes,
 )
@@ -45,7 +45,7 @@ STUDENT_KEYS = {
 }  # fmt: skip
 TEACHER_KEYS = {
     "name", "arch", "classes", "weights", "in_chans", "input_size", "mean", "std",
-    "model_kwargs", "feature_indices", "class_names",
+    "model_kwargs", "feature_indices", "class_names", "key_map",
 }  # fmt: skip
 # the loss terms each method reads from method.weights
 BUILT_BY_CODE = {"space", "student_shapes", "teacher_shapes", "tasks", "targets"}
@@ -489,6 +489,7 @@ def check_teacher(
         in_chans=t.get("in_chans"),
         input_size=t.get("input_size"),
         model_kwargs=t.get("model_kwargs"),
+        key_map=t.get("key_map"),
     )
     key = f"teacher_set.{name}"
     who = f"teacher '{name}' ({meta.arch})"
@@ -504,7 +505,12 @@ def check_teacher(
         meta.arch, len(meta.classes), meta.in_chans, f"{key}.arch", meta.model_kwargs
     )
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = strip_prefix(weight_shapes(weights, f"teacher '{name}' weights"), list(expected))
+    given = match_keys(
+        weight_shapes(weights, f"teacher '{name}' weights"),
+        expected,
+        meta.key_map,
+        f"teacher '{name}' ({weights})",
+    )
     check_fit(
         expected,
         given,

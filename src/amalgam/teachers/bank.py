@@ -132,6 +132,7 @@ def load_teacher_bank(
             mean=cfg.get("mean"),
             std=cfg.get("std"),
             model_kwargs=cfg.get("model_kwargs"),
+            key_map=cfg.get("key_map"),
         )
         idx = cfg.get("feature_indices", feature_indices)
         teachers[name] = build_teacher(meta, weights, idx)

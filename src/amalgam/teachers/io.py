@@ -39,6 +39,7 @@ class TeacherMeta:
     sha256: str = ""
     test_acc: float | None = None
     data: str | None = None
+    key_map: str = "name"  # how the file's tensors map to the model's keys: name | order
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -179,10 +180,54 @@ def check_fit(
         )
 
 
-def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], num_classes: int, who: str) -> None:
+KEY_MAPS = ("name", "order")
+
+
+def match_keys(
+    given: Mapping[str, V],
+    expected: Mapping[str, Sequence[int]],
+    key_map: str = "name",
+    who: str = "weights",
+) -> dict[str, V]:
+    """Rename the file's tensors to the model's keys.
+
+    `name` (default): by name, up to a common prefix ('module.', 'model.', ...). `order`: the
+    i-th tensor of the file is the model's i-th state-dict entry, shapes checked one by one: for
+    public files from other code bases whose names differ but whose layers line up (a torch file
+    keeps its order; a safetensors file does not, so it is refused).
+    """
+    if key_map == "name":
+        return strip_prefix(given, list(expected))
+    if key_map != "order":
+        raise ConfigError(f"{who}: key_map='{key_map}': choose one of {KEY_MAPS}")
+    src, dst = list(given.items()), list(expected)
+    if len(src) != len(dst):
+        raise ConfigError(
+            f"{who}: key_map=order needs as many tensors in the file ({len(src)}) as in the "
+            f"model ({len(dst)}); check the architecture name, or use key_map=name"
+        )
+    out = {}
+    for i, ((k, v), d) in enumerate(zip(src, dst, strict=True)):
+        shape = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+        if shape != tuple(expected[d]):
+            raise ConfigError(
+                f"{who}: key_map=order: tensor #{i} '{k}' {shape} does not line up with the "
+                f"model's '{d}' {tuple(expected[d])}: the layers are not in the model's order"
+            )
+        out[d] = v
+    return out
+
+
+def load_into(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    num_classes: int,
+    who: str,
+    key_map: str = "name",
+) -> None:
     """Strictly load `sd` into `model`, with errors that say what does not fit."""
     expected = model.state_dict()
-    sd = strip_prefix(sd, list(expected))
+    sd = match_keys(sd, {k: v.shape for k, v in expected.items()}, key_map, who)
     check_fit(
         {k: tuple(v.shape) for k, v in expected.items()},
         {k: tuple(v.shape) for k, v in sd.items()},
@@ -249,7 +294,9 @@ def build_teacher(meta: TeacherMeta, weights: str | os.PathLike, feature_indices
         **meta.model_kwargs,
     )
     sd = read_weights(weights, what=f"teacher '{meta.name}' weights")
-    load_into(model, sd, len(meta.classes), who)
+    if meta.key_map == "order" and Path(weights).suffix == ".safetensors":
+        raise ConfigError(f"{who}: key_map=order needs a torch file (safetensors has no order)")
+    load_into(model, sd, len(meta.classes), who, meta.key_map)
     digest = module_hash(model)
     if meta.sha256 and digest != meta.sha256:
         raise ConfigError(
