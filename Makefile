@@ -7,7 +7,8 @@ DATA_DIR ?= data
 TEACHERS_DIR ?= teachers
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test test-fast lint format clean demo teachers data bench
+.PHONY: help install test test-fast lint format clean demo teachers data data-mnist bench \
+	mnist-fashion4
 
 help:
 	@echo "make install  - create $(VENV) and install amalgam[dev] (idempotent)"
@@ -15,6 +16,7 @@ help:
 	@echo "make test     - the whole test suite (slow tests included)"
 	@echo "make test-fast - the tests not marked slow"
 	@echo "make bench    - time teachers / student / full step / cached step on the demo models"
+	@echo "make mnist-fashion4 - the 4-teacher, 20-class benchmark (MNIST + Fashion-MNIST)"
 	@echo "make lint / make format / make clean"
 
 $(STAMP): pyproject.toml
@@ -44,14 +46,27 @@ format: install
 data: install
 	$(BIN)/python -m amalgam.data.fetch fashion_mnist --root $(DATA_DIR)
 
+TEACHERS ?= demo_a demo_b
+RECIPE ?= demo_teachers
 teachers: install data
-	@for t in demo_a demo_b; do \
+	@for t in $(TEACHERS); do \
 		if [ -f $(TEACHERS_DIR)/$$t.safetensors ] && [ -f $(TEACHERS_DIR)/$$t.json ]; then \
 			echo "teacher $$t exists: $(TEACHERS_DIR)/$$t.safetensors (delete it to retrain)"; \
 		else \
-			$(BIN)/python -m amalgam.train_teacher experiment=demo_teachers teacher=$$t || exit 1; \
+			$(BIN)/python -m amalgam.train_teacher experiment=$(RECIPE) teacher=$$t || exit 1; \
 		fi; \
 	done
+
+data-mnist: install
+	$(BIN)/python -m amalgam.data.fetch mnist --root $(DATA_DIR)
+
+# the mnist_fashion4 benchmark: 4 teachers (3 families) over MNIST + Fashion-MNIST, 20 classes
+mnist-fashion4: data data-mnist
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory teachers TEACHERS="mf_a mf_b mf_c mf_d" \
+		RECIPE=mnist_fashion4_teachers || exit 1; \
+	$(BIN)/python -m amalgam.amalgamate experiment=mnist_fashion4 || exit 1; \
+	echo "mnist_fashion4 wall time: $$(( $$(date +%s) - start )) s"
 
 demo: install data
 	@start=$$(date +%s); \
