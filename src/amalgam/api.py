@@ -1,0 +1,626 @@
+"""Python API: amalgamate from a notebook, from a composed config or from Python objects.
+
+    cfg = amalgam.compose(["experiment=tiny"], root=".", output_dir="runs/a")
+    am = amalgam.Amalgamation.from_config(cfg)
+    results = am.fit()            # the dict the CLI writes to results.json
+    am.evaluate()                 # the student as it is now, on the test split
+    amalgam.load(am.checkpoint_path).evaluate()
+
+`python -m amalgam.amalgamate` runs `Amalgamation.from_config(cfg).fit()`: one code path.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from amalgam import report
+from amalgam.backbone import Backbone
+from amalgam.build import build_amalgamation, build_datamodule, build_method, build_student, to_dict
+from amalgam.data import AmalgamDataModule, Source
+from amalgam.evaluation import evaluate, model_stats
+from amalgam.launch import (
+    check_launch,
+    make_loggers,
+    method_name,
+    resume_checkpoint,
+    variant_name,
+    wandb_id,
+)
+from amalgam.methods.base import Method
+from amalgam.module import AmalgamModule
+from amalgam.tasks import ConfigError
+from amalgam.teachers.bank import TeacherBank, load_teacher_bank
+from amalgam.teachers.cache import open_or_build
+from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
+
+PathLike = str | Path
+# conf/trainer/default.yaml, for runs built from Python objects
+DEFAULT_TRAINER: dict[str, Any] = {
+    "accelerator": "auto",
+    "devices": 1,
+    "max_epochs": 5,
+    "precision": "32-true",
+    "log_every_n_steps": 20,
+    "deterministic": False,
+    "enable_model_summary": False,
+}
+
+
+# ------------------------------------------------------------------------------ configs
+
+
+def compose(
+    overrides: Sequence[str] = (),
+    *,
+    root: PathLike | None = None,
+    output_dir: PathLike | None = None,
+    config_name: str = "amalgamate",
+    config_dir: PathLike | None = None,
+) -> DictConfig:
+    """The config the CLI would run with these overrides, composed outside a Hydra run.
+
+    `root` sets paths.root_dir (data/, teachers/, logs/ under it). `paths.output_dir`, which only
+    a Hydra run sets, becomes `output_dir`, else the run dir the CLI would use (hydra.run.dir).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    over = [str(o) for o in overrides]
+    if root is not None:
+        over.insert(0, f"paths.root_dir={root}")
+    conf = Path(config_dir or CONF_DIR).resolve()
+    if not (conf / f"{config_name}.yaml").is_file():
+        raise ConfigError(
+            f"config '{config_name}' not found in '{conf}': pass config_dir= (or AMALGAM_CONF) "
+            "pointing at amalgam's conf/ directory"
+        )
+    backup = get_gh_backup()  # a Hydra app calling compose() keeps its own state
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = hydra_compose(config_name, overrides=over, return_hydra_config=True)
+    finally:
+        restore_gh_from_backup(backup)
+    with open_dict(cfg):
+        run_dir = output_dir or OmegaConf.select(cfg, "hydra.run.dir")
+        del cfg["hydra"]
+        if "paths" in cfg:
+            cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def preset(group: str, name: str, **overrides: Any) -> dict[str, Any]:
+    """conf/<group>/<name>.yaml as a dict, with `overrides` merged in (nested dicts merge).
+
+    `preset("method", "cfl", temperature=4.0)`, `preset("optim", "sgd", lr=0.01)`.
+    """
+    path = Path(CONF_DIR) / group / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"{group}='{name}': no file '{path}'; choose one of {names}")
+    cfg = OmegaConf.merge(OmegaConf.load(path), overrides)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(
+            f"{group}/{name}.yaml refers to other config keys ({e}); compose the whole config "
+            "with amalgam.compose() and use Amalgamation.from_config"
+        ) from e
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    try:
+        return Path(str(cfg.paths.output_dir))
+    except OmegaConfBaseException as e:
+        raise ConfigError(
+            "paths.output_dir is unset: `${hydra:runtime.output_dir}` exists only inside a Hydra "
+            "run. Compose the config with amalgam.compose(..., output_dir=...) or set "
+            "cfg.paths.output_dir"
+        ) from e
+
+
+def _timestamped(base: PathLike) -> Path:
+    return Path(base) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+def measure(module: AmalgamModule, dm: Any, device: Any = None) -> dict[str, Any]:
+    """Student and teacher accuracies on the test split, parameter counts, throughput."""
+    device = device or module.device
+    was = module.device
+    module.to(device)
+    try:
+        out = evaluate(
+            module.student,
+            module.teachers,
+            dm.test_dataloader(),
+            module.space,
+            device,
+            module.method.targets,
+        )
+        out |= model_stats(module.student, module.teachers, dm.image_size, dm.channels, device)
+    finally:
+        module.to(was)
+    return out
+
+
+def final_report(
+    module: AmalgamModule, dm: Any, out_dir: Path, extra: dict[str, Any], loggers: list[Any] = ()
+) -> dict[str, Any]:
+    """Evaluate student and teachers on the test split; write, print and log the report."""
+    results = measure(module, dm) | extra
+    paths = report.write(results, out_dir)
+    report.show(results)
+    report.log_to(list(loggers), results, paths["png"])
+    log.info("results written to %s", paths["json"])
+    return results
+
+
+def attach_cache(tc: Mapping[str, Any] | None, dm: Any, module: AmalgamModule) -> None:
+    """With tc.enabled, teachers run once over the pool (cached in tc.dir), not every step."""
+    if not tc or not tc.get("enabled") or not module.method.uses_teachers:
+        return
+    views = {}
+    if dm.augment:  # K fixed augmented views per image, replayed to the student
+        dm.use_cached_views(int(tc.get("views", 4)))
+        views = {"view_table": dm.view_table(), "view_fn": dm.apply_view}
+    module.cache_spec = functools.partial(
+        open_or_build,
+        tc["dir"],
+        module.teachers,
+        dm.cache_key(),
+        dm.indices("train"),
+        dm.pool_dataloader,
+        **views,
+    )
+
+
+def val_metrics(metrics: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, float]:
+    """The last validation epoch's `val/*` metrics (prefix dropped) and `task_mean_acc`: the
+    mean over tasks of the student's task-aware validation accuracy. Empty if val never ran."""
+    val = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
+    accs = [val.get(f"acc_{t}") for t in tasks]
+    if accs and all(a is not None for a in accs):
+        val["task_mean_acc"] = sum(accs) / len(accs)  # type: ignore[arg-type]
+    return dict(sorted(val.items()))
+
+
+# ------------------------------------------------------------------------------ parts
+
+
+def _teacher_set(teachers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{name: path or teacher config} -> teacher_set entries."""
+    out = {}
+    for name, t in teachers.items():
+        if isinstance(t, str | Path):
+            out[str(name)] = {"weights": str(t)}
+        elif isinstance(t, Mapping):
+            out[str(name)] = dict(to_dict(t))
+        else:
+            raise ConfigError(
+                f"teachers['{name}']: give a weights path or a teacher config dict, "
+                f"got {type(t).__name__}"
+            )
+    return out
+
+
+def _datamodule(data: Any, tasks: Mapping[str, Sequence[Any]]) -> AmalgamDataModule:
+    if isinstance(data, AmalgamDataModule):
+        return data
+    if isinstance(data, Source) or callable(data):
+        return AmalgamDataModule(data, tasks)
+    if isinstance(data, Mapping):
+        data = dict(to_dict(data))
+        if "_target_" in data:
+            return build_datamodule(data, tasks)
+        return AmalgamDataModule(tasks=tasks, **data)
+    raise ConfigError(
+        "data: give an AmalgamDataModule, a Source (e.g. amalgam.data.synthetic()), or a dict "
+        f"of AmalgamDataModule arguments with its 'source'; got {type(data).__name__}"
+    )
+
+
+def _check_same_space(dm: AmalgamDataModule, bank: TeacherBank) -> None:
+    have = {t.name: list(t.classes) for t in dm.label_space.tasks}
+    want = {t.name: list(t.classes) for t in bank.space.tasks}
+    if have != want:
+        raise ConfigError(
+            f"data: the datamodule's tasks {have} differ from the teachers' classes {want}; "
+            "build it with tasks={teacher: its classes}, or pass a Source and let the "
+            "Amalgamation build it"
+        )
+
+
+def _student(student: Any, num_classes: int) -> tuple[Backbone, dict[str, Any] | None]:
+    """(student, its config if it has one)."""
+    if isinstance(student, Backbone):
+        n = getattr(student.model, "num_classes", num_classes)
+        if n != num_classes:
+            raise ConfigError(
+                f"student: its head has {n} outputs but the teachers' union has {num_classes} "
+                "classes; build it for the union (or pass its arch name / config dict)"
+            )
+        return student, None
+    if isinstance(student, str):
+        student = {"arch": student}
+    if isinstance(student, Mapping):
+        cfg = dict(to_dict(student))
+        return build_student(cfg, num_classes), cfg
+    raise ConfigError(
+        "student: give a timm arch name, a student config dict (conf/student/*.yaml keys) or "
+        f"an amalgam.backbone.Backbone; got {type(student).__name__}"
+    )
+
+
+def _feature_indices(student: Any) -> list[int]:
+    if isinstance(student, Backbone):
+        return list(student.feature_indices)
+    if isinstance(student, Mapping):
+        return list(to_dict(student).get("feature_indices") or [-1])
+    return [-1]
+
+
+def _method(
+    method: Any, bank: TeacherBank, student: Backbone, dm: AmalgamDataModule
+) -> tuple[Method, dict[str, Any] | None]:
+    """(method, its config if it has one) from a preset name, a config, a factory or a module."""
+    if isinstance(method, Method):
+        return method, None
+    if isinstance(method, str):
+        method = preset("method", method)
+    if isinstance(method, Mapping):
+        cfg = dict(to_dict(method))
+        return build_method(cfg, bank.space, student, bank, dm.image_size, dm.channels), cfg
+    if callable(method):  # a Method class or functools.partial(CFL, weights=...)
+        func = getattr(method, "func", method)
+        needs = bool(getattr(func, "needs_features", False))
+        s_shapes = student.feature_shapes(dm.image_size, dm.channels) if needs else []
+        t_shapes = {
+            n: (t.feature_shapes(dm.image_size, dm.channels) if needs else [])
+            for n, t in bank.teachers.items()
+        }
+        built = method(space=bank.space, student_shapes=s_shapes, teacher_shapes=t_shapes)
+        return built, None
+    raise ConfigError(
+        "method: give a preset name ('cfl', 'kd', ...), a method config dict, a Method class or "
+        f"partial (functools.partial(CFL, weights=...)), or a Method; got {type(method).__name__}"
+    )
+
+
+def _method_label(method: Method, cfg: Mapping[str, Any] | None) -> str:
+    if cfg is not None:
+        return str(cfg.get("name") or str(cfg["_target_"]).rsplit(".", 1)[-1])
+    return type(method).__name__.lower()
+
+
+def _arch(student: Backbone, cfg: Mapping[str, Any] | None) -> str:
+    if cfg is not None:
+        return str(cfg["arch"])
+    pcfg = getattr(student.model, "pretrained_cfg", None) or {}
+    return str(pcfg.get("architecture") or type(student.model).__name__)
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+class Amalgamation:
+    """Frozen teachers, a student, a method and the data: `.fit()`, `.evaluate()`, `.student`.
+
+    From Python objects (each part as an object or as config):
+
+    - teachers: {name: weights path | teacher config dict} or a TeacherBank;
+    - student: a timm arch name, a student config dict, or a Backbone over the union classes;
+    - data: a Source, a dict of AmalgamDataModule arguments with its `source`, a data config
+      with `_target_`, or an AmalgamDataModule whose tasks are the teachers' classes;
+    - method: a preset name (conf/method/), a method config, a Method class/partial, or a Method;
+    - optim: a preset name (conf/optim/) or an optimiser config dict;
+    - trainer: a dict of lightning.Trainer arguments (over DEFAULT_TRAINER) or a Trainer;
+    - seed: seeds everything before any part is built (None: leave the RNGs alone);
+    - loggers: None for a CSV logger in output_dir, [] for none; callbacks: Lightning callbacks;
+    - teacher_cache: a directory to cache teacher outputs in (teachers run once, not per step).
+
+    Or `Amalgamation.from_config(cfg)` for a composed config (see `compose`), as the CLI does.
+    """
+
+    def __init__(
+        self,
+        teachers: Mapping[str, Any] | TeacherBank,
+        student: Any,
+        data: Any,
+        method: Any = "cfl",
+        optim: str | Mapping[str, Any] = "amalgam_adam",
+        trainer: L.Trainer | Mapping[str, Any] | None = None,
+        *,
+        seed: int | None = 0,
+        output_dir: PathLike | None = None,
+        loggers: Sequence[Any] | None = None,
+        callbacks: Sequence[Any] | None = None,
+        teacher_dtype: str = "float32",
+        teacher_cache: PathLike | None = None,
+        cache_views: int = 4,
+    ) -> None:
+        quiet_known_warnings()
+        out_dir = Path(output_dir) if output_dir else _timestamped(Path("logs") / "api" / "runs")
+        if isinstance(trainer, L.Trainer) and (loggers is not None or callbacks is not None):
+            raise ConfigError(
+                "loggers/callbacks: give them to your lightning.Trainer, or pass trainer as a "
+                "dict of Trainer arguments"
+            )
+        if seed is not None:
+            L.seed_everything(seed, workers=True)
+        optim_cfg = preset("optim", optim) if isinstance(optim, str) else dict(to_dict(optim))
+        # the same order as build_amalgamation: data, teachers, student, method
+        if isinstance(teachers, TeacherBank):
+            bank = teachers
+            dm = _datamodule(data, {n: list(m.classes) for n, m in bank.metas.items()})
+            teacher_set = {n: {"weights": p} for n, p in bank.paths.items()}
+        else:
+            from amalgam.build import teacher_tasks
+
+            teacher_set = _teacher_set(teachers)
+            dm = _datamodule(data, teacher_tasks(teacher_set))
+            for name in teacher_set:
+                teacher_set[name]["class_names"] = list(dm.label_space.task(name).classes)
+            bank = load_teacher_bank(teacher_set, _feature_indices(student), teacher_dtype)
+        _check_same_space(dm, bank)
+        student_net, student_cfg = _student(student, bank.space.num_classes)
+        method_obj, method_cfg = _method(method, bank, student_net, dm)
+        config = {  # enough for amalgam.load() when every part came as config
+            "seed": seed,
+            "teacher_dtype": teacher_dtype,
+            "teacher_set": {n: {"weights": str(t["weights"])} for n, t in teacher_set.items()},
+            "student": student_cfg,
+            "method": method_cfg,
+            "optim": optim_cfg,
+            "data": dict(to_dict(data)) if _is_config(data) else None,
+        }
+        record = {"config": config, "label_space": bank.space.as_dict()}
+        module = AmalgamModule(bank, student_net, method_obj, optim_cfg, record)
+        attach_cache(
+            {"enabled": teacher_cache is not None, "dir": str(teacher_cache), "views": cache_views},
+            dm,
+            module,
+        )
+        label = _method_label(method_obj, method_cfg)
+        arch = _arch(student_net, student_cfg)
+        info = {"method": label, "variant": label, "seed": seed, "student_arch": arch}
+
+        def make_loggers(resume_from: Path | None) -> list[Any]:
+            if isinstance(trainer, L.Trainer):
+                return list(trainer.loggers)
+            if loggers is None:
+                from lightning.pytorch.loggers import CSVLogger
+
+                return [CSVLogger(save_dir=str(out_dir), name="csv", version="")]
+            return list(loggers)
+
+        def make_trainer(lg: list[Any], cb: list[Any]) -> L.Trainer:
+            if isinstance(trainer, L.Trainer):
+                return trainer
+            kwargs = {**DEFAULT_TRAINER, "default_root_dir": str(out_dir), **(trainer or {})}
+            return L.Trainer(**kwargs, logger=lg or False, callbacks=cb)
+
+        self._setup(dm, module, out_dir, info, None)
+        self._make_loggers = make_loggers
+        self._make_callbacks = lambda: list(callbacks or [])
+        self._make_trainer = make_trainer
+
+    # -------------------------------------------------------------- other constructors
+
+    def _setup(
+        self,
+        dm: Any,
+        module: AmalgamModule,
+        out_dir: Path,
+        info: dict[str, Any],
+        config: DictConfig | None,
+        resume_from: Path | None = None,
+    ) -> None:
+        self.datamodule = dm
+        self.module = module
+        self.output_dir = out_dir
+        self.config = config
+        self.trainer: L.Trainer | None = None
+        self.checkpoint_path: Path | None = None
+        self.results: dict[str, Any] | None = None
+        self._info = info
+        self._resume_from = resume_from
+        self._make_loggers: Callable[[Path | None], list[Any]] | None = None
+        self._make_callbacks: Callable[[], list[Any]] = list
+        self._make_trainer: Callable[[list[Any], list[Any]], L.Trainer] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> Amalgamation:
+        """Build everything a composed amalgamation config names (the CLI's path)."""
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.create(dict(cfg))
+        quiet_known_warnings()
+        check_launch(cfg)
+        L.seed_everything(cfg.seed, workers=True)
+        out_dir = _output_dir(cfg)
+        resume_from = resume_checkpoint(cfg)
+        dm, module = build_amalgamation(cfg)
+        attach_cache(cfg.get("teacher_cache"), dm, module)
+        variant = variant_name(cfg)
+        info = {
+            "method": method_name(cfg),
+            "variant": variant,
+            "seed": int(cfg.seed),
+            "student_arch": str(cfg.student.arch),
+        }
+        self = cls.__new__(cls)
+        self._setup(dm, module, out_dir, info, cfg, resume_from)
+        self._make_loggers = functools.partial(make_loggers, cfg, variant)
+        self._make_callbacks = lambda: instantiate_group(cfg.get("callbacks"))
+        self._make_trainer = lambda lg, cb: hydra.utils.instantiate(
+            cfg.trainer, logger=lg or False, callbacks=cb
+        )
+        return self
+
+    @classmethod
+    def load(cls, ckpt_path: PathLike, overrides: Mapping[str, Any] | None = None) -> Amalgamation:
+        """A trained amalgamation from its checkpoint (teachers hash-checked), for evaluation.
+
+        `overrides` are merged into the config stored in the checkpoint (e.g. {"data":
+        {"test_limit": 100}}, or the parts a run built from Python objects could not store).
+        """
+        from amalgam.evaluate import load_amalgamation, read_checkpoint
+
+        quiet_known_warnings()
+        stored = read_checkpoint(ckpt_path)["amalgam"].get("config") or {}
+        missing = [
+            k for k in ("data", "student", "method", "optim") if not (overrides or {}).get(k)
+        ]
+        missing = [k for k in missing if not stored.get(k)]
+        if missing:
+            raise ConfigError(
+                f"checkpoint '{ckpt_path}' does not store the config of {missing} (that run was "
+                "built from Python objects); pass them as overrides={"
+                + ", ".join(f"'{k}': {{...}}" for k in missing)
+                + "} or rebuild the Amalgamation and load the state dict"
+            )
+        cfg, dm, module = load_amalgamation(ckpt_path, dict(overrides) if overrides else None)
+        info = {  # the extra fields of `python -m amalgam.evaluate`
+            "method": method_name(cfg),
+            "seed": int(cfg.seed) if cfg.get("seed") is not None else None,
+            "checkpoint": str(ckpt_path),
+            "student_arch": str(cfg.student.arch),
+            "teacher_hashes": module.teachers.hashes(),
+        }
+        self = cls.__new__(cls)
+        self._setup(dm, module, Path(ckpt_path).parent.parent, info, cfg)
+        self.checkpoint_path = Path(ckpt_path)
+        return self
+
+    # -------------------------------------------------------------- what it holds
+
+    @property
+    def student(self) -> Backbone:
+        """The student network: images in [0, 1] -> logits over `classes`."""
+        return self.module.student
+
+    @property
+    def teachers(self) -> TeacherBank:
+        return self.module.teachers
+
+    @property
+    def method(self) -> Method:
+        return self.module.method
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The student's classes: the union of the teachers' classes, in logit order."""
+        return self.module.space.classes
+
+    def __repr__(self) -> str:
+        tasks = {t.name: len(t.classes) for t in self.module.space.tasks}
+        state = "fitted" if self.trainer is not None else "not fitted"
+        return (
+            f"Amalgamation({self._info.get('method')}: teachers {tasks} -> "
+            f"{self._info.get('student_arch')}, {state}, output_dir='{self.output_dir}')"
+        )
+
+    # -------------------------------------------------------------- fit and evaluate
+
+    def fit(self, ckpt_path: PathLike | None = None) -> dict[str, Any]:
+        """Train the student on unlabeled images; write checkpoints/final.ckpt and the report
+        (results.json/.md/.png in output_dir); return the results dict (rank 0; {} elsewhere).
+
+        `ckpt_path` resumes from a checkpoint of a run with the same teachers.
+        """
+        if self._make_trainer is None or self._make_loggers is None:
+            raise ConfigError(
+                "this Amalgamation was loaded from a checkpoint for evaluation; to train on, "
+                "compose its config with ckpt_path=<checkpoint> and use from_config"
+            )
+        if self.trainer is not None:
+            raise ConfigError("this Amalgamation is fitted already; build a new one to train again")
+        resume_from = self._resume_from
+        if ckpt_path is not None:
+            from amalgam.validate import check_checkpoint
+
+            resume_from = Path(ckpt_path)
+            if not resume_from.is_file():
+                raise ConfigError(f"ckpt_path '{ckpt_path}' not found: give a checkpoint file")
+            check_checkpoint(
+                resume_from, {n: {"weights": p} for n, p in self.teachers.paths.items()}
+            )
+        module, dm = self.module, self.datamodule
+        loggers = self._make_loggers(resume_from)
+        module.record["wandb_id"] = wandb_id(loggers)
+        callbacks = self._make_callbacks()
+        trainer = self._make_trainer(loggers, callbacks)
+        self.trainer = trainer
+        start = time.time()
+        failed = True
+        try:
+            train = (
+                dm.labeled_train_dataloader()
+                if module.method.uses_labels
+                else dm.train_dataloader()
+            )
+            trainer.fit(module, train, dm.val_dataloader(), ckpt_path=resume_from)
+            ckpt = self.output_dir / "checkpoints" / "final.ckpt"
+            trainer.save_checkpoint(ckpt, weights_only=False)
+            self.checkpoint_path = ckpt
+            results: dict[str, Any] = {}
+            if trainer.is_global_zero:
+                self._info = {
+                    "method": self._info["method"],
+                    "variant": self._info["variant"],
+                    "uses_labels": bool(module.method.uses_labels),
+                    "seed": self._info["seed"],
+                    "student_arch": self._info["student_arch"],
+                    "teacher_archs": {n: m.arch for n, m in module.teachers.metas.items()},
+                    "teacher_hashes": module.teachers.hashes(),
+                    "epochs": int(trainer.current_epoch),
+                    "global_step": int(trainer.global_step),
+                    "world_size": int(trainer.world_size),
+                    "resumed_from": str(resume_from) if resume_from else None,
+                    "train_seconds": round(time.time() - start, 1),
+                    "checkpoint": str(ckpt),
+                    "val": val_metrics(trainer.callback_metrics, module.space.names),
+                }
+                results = final_report(module, dm, self.output_dir, self._info, loggers)
+            self.results = results
+            failed = False
+        finally:
+            finish_loggers(loggers, failed)
+        return results
+
+    def evaluate(
+        self, out_dir: PathLike | None = None, *, device: Any = None, show: bool = False
+    ) -> dict[str, Any]:
+        """The student as it is now, and the teachers, on the test split: the results dict
+        (the fit's fields included once fitted). Written to `out_dir` as results.* if given."""
+        results = measure(self.module, self.datamodule, device) | self._info
+        if out_dir is not None:
+            report.write(results, out_dir)
+        if show:
+            report.show(results)
+        return results
+
+
+def _is_config(part: Any) -> bool:
+    """A part that is plain config (a dict with `_target_`), storable in a checkpoint."""
+    return isinstance(part, Mapping) and "_target_" in part
+
+
+def load(ckpt_path: PathLike, overrides: Mapping[str, Any] | None = None) -> Amalgamation:
+    """A trained amalgamation from `<run dir>/checkpoints/final.ckpt`: `.evaluate()`,
+    `.student`. Same as `Amalgamation.load`."""
+    return Amalgamation.load(ckpt_path, overrides)
