@@ -163,3 +163,29 @@ def test_public_imagenet_weights_from_a_package_as_a_teacher(tmp_path):
 
     with pytest.raises(ConfigError, match="do not fit the architecture"):
         load_teacher_bank({"lite0": {**entry, "key_map": "name"}})
+
+
+@pytest.mark.parametrize("method", ["kd", "cfl"])
+def test_feature_reading_target_rule_trains(tiny_teachers, tmp_path, method):
+    """A rule that reads teacher features (density_ratio) gets them in the training step,
+    from the teachers and from the teacher cache, without making a KD student compute any."""
+    from amalgam.teachers.cache import open_or_build
+
+    cfg = config(
+        tiny_teachers, tmp_path, ("tiny_a", "tiny_b"), [f"method={method}", "targets=density_ratio"]
+    )
+    dm, module = build_amalgamation(cfg)
+    assert module.method.targets.is_fit and module.method.needs_teacher_features
+    batch = next(iter(dm.train_dataloader()))
+    terms = module.losses(batch["image"])
+    sum(terms.values()).backward()
+    assert all(torch.isfinite(v) for v in terms.values())
+    module.cache = open_or_build(
+        tmp_path / "cache",
+        module.teachers,
+        dm.cache_key(),
+        dm.indices("train"),
+        dm.pool_dataloader,
+    )
+    cached = module.losses(batch["image"], index=batch["index"])
+    torch.testing.assert_close(cached["kd"], terms["kd"], atol=2e-3, rtol=2e-3)

@@ -379,6 +379,9 @@ class Amalgamation:
         _check_same_space(dm, bank)
         student_net, student_cfg = _student(student, bank.space.num_classes)
         method_obj, method_cfg = _method(method, bank, student_net, dm)
+        rule = method_obj.targets
+        if getattr(rule, "needs_fit", False) and not getattr(rule, "is_fit", True):
+            rule.fit(bank, dm)  # the target rule's statistics, as build_amalgamation does
         config = {  # enough for amalgam.load() when every part came as config
             "seed": seed,
             "teacher_dtype": teacher_dtype,

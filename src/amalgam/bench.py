@@ -89,10 +89,12 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     s_opt = build_optimizer(cfg.optim, [{"params": s_params, "lr": 1e-4}])
     with torch.no_grad():
         rule = module.method.targets
-        targets = [rule(module.teachers(x, features=False).logits) for x in xs]
+        t_feats = module.method.needs_teacher_features
+        outs = [module.teachers(x, features=t_feats) for x in xs]
+        targets = [rule(o.logits, 1.0, o.features) for o in outs]
 
     def teachers(i: int) -> None:
-        module.teachers(xs[i], features=module.method.needs_features)
+        module.teachers(xs[i], features=module.method.needs_teacher_features)
 
     def student(i: int) -> None:
         out = module.student(xs[i], features=module.method.needs_features)

@@ -119,8 +119,12 @@ def build_method(
     return factory(space=space, student_shapes=s_shapes, teacher_shapes=t_shapes)
 
 
-def build_amalgamation(cfg: DictConfig) -> tuple[Any, AmalgamModule]:
-    """(datamodule, module) for an amalgamation config. Cheap checks come first."""
+def build_amalgamation(cfg: DictConfig, fit_rules: bool = True) -> tuple[Any, AmalgamModule]:
+    """(datamodule, module) for an amalgamation config. Cheap checks come first.
+
+    `fit_rules=False` leaves a target rule's statistics unfitted: for a module whose state
+    (statistics included) is about to be loaded from a checkpoint.
+    """
     from amalgam.validate import validate_amalgamation, validate_label_space  # imports build
 
     validate_amalgamation(cfg)  # before any image is read or any teacher runs
@@ -141,5 +145,8 @@ def build_amalgamation(cfg: DictConfig) -> tuple[Any, AmalgamModule]:
     method = build_method(
         cfg.method, space, student, bank, dm.image_size, dm.channels, cfg.get("targets")
     )
+    rule = getattr(method, "targets", None)
+    if fit_rules and getattr(rule, "needs_fit", False):  # statistics of the teachers' own images
+        rule.fit(bank, dm)
     record = {"config": to_dict(cfg), "label_space": space.as_dict()}
     return dm, AmalgamModule(bank, student, method, to_dict(cfg.optim), record)

@@ -46,7 +46,7 @@ def load_amalgamation(
         cfg.teacher_set[name].weights = t["path"]
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
-    dm, module = build_amalgamation(cfg)
+    dm, module = build_amalgamation(cfg, fit_rules=False)  # the checkpoint holds them
     hashes = module.teachers.hashes()
     for name, t in rec["teachers"].items():
         if hashes[name] != t["meta"]["sha256"]:

@@ -63,6 +63,26 @@ class AmalgamAccuracy(Metric):
         return out
 
 
+def task_owner(space: LabelSpace) -> torch.Tensor:
+    """[K] the task of each union class: the first task (in teacher-set order) that lists it."""
+    owner = torch.full((space.num_classes,), -1, dtype=torch.long)
+    for i, t in reversed(list(enumerate(space.tasks))):
+        owner[torch.tensor(space.indices(t.name))] = i
+    return owner
+
+
+def task_confusion(
+    pred: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor, n_tasks: int
+) -> torch.Tensor:
+    """[N, N] counts: row = true task, column = predicted task (task of the argmax class).
+
+    A class shared by several tasks counts for the first task that lists it (`task_owner`).
+    """
+    owner = owner.to(labels.device)
+    flat = owner[labels.long()] * n_tasks + owner[pred.long()]
+    return torch.bincount(flat, minlength=n_tasks * n_tasks).reshape(n_tasks, n_tasks).cpu()
+
+
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -96,6 +116,8 @@ def evaluate(
 
     The teachers' joint prediction is the argmax of the target rule's distribution (default:
     concatenated logits); task-aware teacher accuracy is each teacher's own head on its task.
+    `task_confusion` counts true task (rows) against the task of the joint argmax (columns),
+    for the student and the teacher ensemble; a shared class counts for its first task.
     """
     was = student.training
     student.eval()
@@ -105,12 +127,20 @@ def evaluate(
     # each teacher's own head on its own task (a shared class must not borrow another's logit)
     own = [AmalgamAccuracy(space, sync_on_compute=False).to(device) for _ in space.tasks]
     index = [torch.tensor(space.indices(t.name), device=device) for t in space.tasks]
+    owner, n_tasks = task_owner(space), len(space.tasks)
+    conf = {who: torch.zeros(n_tasks, n_tasks, dtype=torch.long) for who in ("student", "teachers")}
+    feats = targets is not None and targets.needs_features
     n = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        s_acc.update(student(x, features=False).logits, y)
-        logits = teachers(x, features=False).logits
-        t_acc.update(union_log_targets(logits, space, targets), y)
+        s_logits = student(x, features=False).logits
+        s_acc.update(s_logits, y)
+        out = teachers(x, features=feats)
+        logits = out.logits
+        log_q = union_log_targets(logits, space, targets, out.features if feats else None)
+        t_acc.update(log_q, y)
+        conf["student"] += task_confusion(s_logits.argmax(1), y, owner, n_tasks)
+        conf["teachers"] += task_confusion(log_q.argmax(1), y, owner, n_tasks)
         for metric, z, idx in zip(own, logits, index, strict=True):
             full = z.new_full((len(z), space.num_classes), float("-inf"))
             metric.update(full.index_copy_(1, idx, z.float()), y)
@@ -132,8 +162,15 @@ def evaluate(
         "student_acc": float(s["joint"]),
         "teacher_ensemble_acc": float(t["joint"]),
         "n_test": n,
+        "target_rule": type(targets).__name__ if targets is not None else "Concat",
     }
-    return {"tasks": tasks, "joint": joint}
+    confusion = {
+        "tasks": list(space.names),
+        "student": conf["student"].tolist(),
+        "teachers": conf["teachers"].tolist(),
+        "shared_classes": "counted for the first task that lists them",
+    }
+    return {"tasks": tasks, "joint": joint, "task_confusion": confusion}
 
 
 def model_stats(

@@ -97,12 +97,13 @@ class AmalgamModule(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """Named loss terms; teacher outputs come from the cache when it has `index` (`view`)."""
         feats = self.method.needs_features
+        t_feats = self.method.needs_teacher_features
         if not self.method.uses_teachers:
             t = None
         elif self.cache is not None and index is not None:
-            t = self.cache.lookup(index, x.device, features=feats, view=view)
+            t = self.cache.lookup(index, x.device, features=t_feats, view=view)
         else:
-            t = self.teachers(x, features=feats)
+            t = self.teachers(x, features=t_feats)
         s = self.student(x, features=feats)
         return self.method(s, t, labels)
 

@@ -40,6 +40,11 @@ class Method(nn.Module):
         self.weights = {k: float(v) for k, v in (weights or {}).items()}
         self.targets = targets if targets is not None else Concat(space)
 
+    @property
+    def needs_teacher_features(self) -> bool:
+        """Teachers' feature maps are needed by the method itself or by its target rule."""
+        return self.needs_features or bool(getattr(self.targets, "needs_features", False))
+
     def active(self, term: str) -> bool:
         return self.weights.get(term, 0.0) != 0.0
 

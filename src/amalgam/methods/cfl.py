@@ -193,7 +193,7 @@ class CFL(Method):
         self, student: ModelOutput, teachers: TeacherOutputs | None, labels=None
     ) -> dict[str, torch.Tensor]:
         w = self.weights
-        q = self.targets(teachers.logits, self.temperature)
+        q = self.targets(teachers.logits, self.temperature, teachers.features)
         terms = {"kd": w.get("kd", 0.0) * soft_cross_entropy(student.logits, q, self.temperature)}
         if not (self.active("mmd") or self.active("rec")):
             return terms

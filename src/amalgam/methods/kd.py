@@ -32,5 +32,5 @@ class KD(Method):
     def forward(
         self, student: ModelOutput, teachers: TeacherOutputs | None, labels=None
     ) -> dict[str, torch.Tensor]:
-        q = self.targets(teachers.logits, self.temperature)
+        q = self.targets(teachers.logits, self.temperature, teachers.features)
         return {"kd": self.weights["kd"] * soft_cross_entropy(student.logits, q, self.temperature)}
