@@ -38,6 +38,7 @@ from amalgam.launch import (
 )
 from amalgam.methods.base import Method
 from amalgam.module import AmalgamModule
+from amalgam.reliability import AtomicCheckpointIO
 from amalgam.tasks import ConfigError
 from amalgam.teachers.bank import TeacherBank, load_teacher_bank
 from amalgam.teachers.cache import open_or_build
@@ -415,6 +416,7 @@ class Amalgamation:
             if isinstance(trainer, L.Trainer):
                 return trainer
             kwargs = {**DEFAULT_TRAINER, "default_root_dir": str(out_dir), **(trainer or {})}
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # crash-safe checkpoints
             return L.Trainer(**kwargs, logger=lg or False, callbacks=cb)
 
         self._setup(dm, module, out_dir, info, None)

@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from amalgam.reliability import atomic_open, atomic_path, atomic_write_text  # noqa: F401
+
 
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
@@ -54,14 +56,40 @@ def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in body]
 
 
+def confusion_rows(results: dict[str, Any], who: str) -> list[list[str]]:
+    """Rows of the task confusion of `who` (student | teachers): true task, then counts."""
+    c = results["task_confusion"]
+    return [[t, *(str(v) for v in row)] for t, row in zip(c["tasks"], c[who], strict=True)]
+
+
+def confusion_markdown(results: dict[str, Any]) -> list[str]:
+    """The task-confusion tables (student, teacher ensemble); empty without the entry."""
+    c = results.get("task_confusion")
+    if not c:
+        return []
+    rule = results.get("joint", {}).get("target_rule", "Concat")
+    lines = [
+        "",
+        "Task confusion on the test images: rows are the true task, columns the task of the "
+        "joint argmax (a class listed by several tasks counts for the first of them).",
+    ]
+    for who, title in (("student", "student"), ("teachers", f"teacher ensemble ({rule})")):
+        head = [f"{title}: true \\ predicted", *c["tasks"]]
+        lines += ["", *md_table(head, confusion_rows(results, who))]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
+    rule = results.get("joint", {}).get("target_rule", "Concat")
     lines = [
         f"# Results: {results.get('method', '?')} (seed {results.get('seed', '?')})",
         "",
         "Task-aware accuracy per task (argmax inside the task's classes; the teacher uses its own "
-        "head), and joint accuracy over the union (teachers: argmax over concatenated logits).",
+        "head), and joint accuracy over the union (teachers: argmax of the target rule's "
+        f"distribution, rule {rule}).",
         "",
         *md_table(HEADER, rows(results)),
+        *confusion_markdown(results),
     ]
     p = results.get("params")
     if p:
@@ -111,19 +139,20 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.legend(loc="lower right")
     ax.set_title(f"{results.get('method', '')} student vs teachers")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path) as f:
+        fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path
 
 
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Old content or new, never a torn file (temp file + fsync + os.replace)."""
+    atomic_write_text(path, text)
 
 
 def write(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write results.json first (most valuable), then results.md and results.png."""
+    """Write results.json first (most valuable), then results.md and results.png, each atomically
+    (a crash leaves the previous file or the new one, never a torn one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
@@ -133,8 +162,23 @@ def write(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path
     return paths
 
 
+def confusion_table(results: dict[str, Any], who: str) -> Table:
+    c = results["task_confusion"]
+    table = Table(title=f"task confusion, {who} (rows: true task, columns: predicted task)")
+    table.add_column("true \\ predicted")
+    for t in c["tasks"]:
+        table.add_column(t, justify="right")
+    for r in confusion_rows(results, who):
+        table.add_row(*r)
+    return table
+
+
 def show(results: dict[str, Any], console: Console | None = None) -> None:
-    (console or Console()).print(rich_table(results))
+    console = console or Console()
+    console.print(rich_table(results))
+    if results.get("task_confusion"):
+        for who in ("student", "teachers"):
+            console.print(confusion_table(results, who))
 
 
 def log_to(loggers: list[Any], results: dict[str, Any], png: Path | None = None) -> None:

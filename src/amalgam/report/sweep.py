@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from amalgam.report.run import atomic_write, md_table
+from amalgam.report.run import atomic_path, atomic_write, md_table
 
 log = logging.getLogger("amalgam")
 SKIP_DIRS = {"eval", "wandb", ".submitit", "checkpoints"}
@@ -169,7 +169,8 @@ def write_sweep_report(sweep_dir: str | Path, show: bool = False) -> dict[str, P
     }
     atomic_write(paths["csv"], to_csv(rows))
     atomic_write(paths["md"], markdown(rows, sweep_dir))
-    plot(rows, paths["png"])
+    with atomic_path(paths["png"]) as tmp:
+        plot(rows, tmp)
     if show:
         header, body = table_rows(rows)
         table = Table(title=f"sweep: {len(results)} runs, {len(rows)} variants")

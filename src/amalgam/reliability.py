@@ -1,0 +1,617 @@
+"""Crash safety and numerical guards for training runs (docs/RELIABILITY.md).
+
+- Atomic writes (`atomic_open`, `atomic_path`, `atomic_write_text`, `AtomicCheckpointIO`): a
+  temporary file in the target's directory, fsync, `os.replace`, fsync of the directory. A reader
+  (or a resumed run) sees the old file or the new one, never a torn one, whatever kills the writer.
+- `Preemption`: SIGTERM / SIGUSR1 / SIGUSR2 during training save `checkpoints/last.ckpt` at the next
+  batch end and stop the run (`Preempted`); `ckpt_path=last` resumes it.
+- `NanGuard`: a non-finite loss term or gradient stops the run before the optimizer step
+  (`NonFiniteError`, naming the terms and the step) or skips that step; no checkpoint with
+  non-finite weights is ever written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+from amalgam.tasks import ConfigError
+from amalgam.utils import log
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "NanGuard",
+    "NonFiniteError",
+    "Preempted",
+    "Preemption",
+    "all_finite",
+    "atomic_open",
+    "atomic_path",
+    "atomic_write_text",
+]
+
+PathLike = str | os.PathLike
+
+
+# ------------------------------------------------------------------------------ atomic files
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask can only be read by setting it
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    """`.<name>.<host>.<pid>.`: names the writer, so a later save can spot a dead one's files."""
+    return f".{path.name}.{_HOST}.{os.getpid()}."
+
+
+def _new_temp(path: Path, keep_suffix: bool = False) -> tuple[int, Path]:
+    """A new temporary file next to `path`: `.<name>.<host>.<pid>.<random>.tmp` (+ the suffix
+    of `path` with keep_suffix, for writers that pick the format from it)."""
+    suffix = f".tmp{path.suffix}" if keep_suffix else ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=suffix)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+    return fd, Path(tmp)
+
+
+def fsync_dir(directory: PathLike) -> None:
+    """Make a rename in `directory` durable (a no-op where the file system cannot)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> list[Path]:
+    """Delete the temporary files that writers of `path` on this host left when they were killed
+    (their process is gone); returns them. Files of live writers and other hosts are kept."""
+    path = Path(path)
+    pattern = re.compile(
+        rf"^\.{re.escape(path.name)}\.{re.escape(_HOST)}\.(\d+)\."
+        rf"[^.]+\.tmp({re.escape(path.suffix)})?$"
+    )
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            m = pattern.match(entry.name)
+            if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    remove_stale_temps(path)
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file next to `path`; on success fsync it and rename it over `path`.
+
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_open writes only ('w', 'wb'), got mode '{mode}'")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _new_temp(path)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary path (same directory and suffix) for writers that want a file name, e.g.
+    `fig.savefig(tmp)`; on success it is fsynced and renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _new_temp(path, keep_suffix=True)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _commit(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` atomically (old or new content, never a torn file)."""
+    with atomic_open(path, "wb") as f:
+        f.write(text.encode(encoding))
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def _local_path(path: PathLike) -> Path | None:
+    """The local file behind `path`, None for a remote URL (s3://, gs://, ...)."""
+    s = os.fspath(path)
+    if s.startswith("file://"):
+        return Path(s[len("file://") :])
+    return None if "://" in s else Path(s)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO whose local saves are atomic (temp file + fsync + os.replace).
+
+    Enabled by `plugins: [{_target_: amalgam.reliability.AtomicCheckpointIO}]` in the trainer
+    config; every checkpoint Lightning writes goes through it (ModelCheckpoint, `last.ckpt`,
+    `trainer.save_checkpoint`, Preemption), under DDP too (rank 0 writes). Remote URLs fall back to
+    Lightning's own writer. A SIGKILL mid-save can leave `.<name>.<host>.<pid>.*.tmp` next
+    to the checkpoint; the next save of that name on the same host deletes it.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None
+    ) -> None:
+        local = _local_path(path)
+        if local is None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(
+                "Trainer.save_checkpoint(..., storage_options=...) is not supported by "
+                "AtomicCheckpointIO; remove storage_options"
+            )
+        with atomic_open(local, "wb") as f:
+            torch.save(checkpoint, f)
+
+
+# ------------------------------------------------------------------------------ preemption
+
+
+class Preempted(SystemExit):
+    """The run stopped on a preemption signal after saving `path`; exit status 128 + signal."""
+
+    def __init__(self, signum: int, path: str, code: int | None = None) -> None:
+        super().__init__(128 + signum if code is None else code)
+        self.signum = signum
+        self.path = path
+
+
+def _signal_number(sig: str | int) -> signal.Signals:
+    try:
+        if isinstance(sig, str) and not sig.isdigit():
+            name = sig.upper()
+            return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+        return signal.Signals(int(sig))
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"callbacks.preemption.signals: unknown signal '{sig}'; use names such as SIGTERM, "
+            "SIGUSR1, SIGUSR2"
+        ) from None
+
+
+def _slurm_requeue(trainer: Trainer) -> bool:
+    """Lightning owns SIGUSR1 when it runs under SLURM with auto_requeue on."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    return isinstance(env, SLURMEnvironment) and bool(env.auto_requeue)
+
+
+class Preemption(Callback):
+    """On SIGTERM / SIGUSR1 / SIGUSR2 save `<dirpath>/last.ckpt` at the next batch end and stop.
+
+    The handlers are installed in `on_train_start` (after Lightning installed its own, so
+    Lightning's SIGTERM handling is replaced while the training loop runs and restored after) and
+    only record the signal. At the next `on_train_batch_end` the flag is reduced over the ranks
+    (any rank's signal stops all of them at the same step), the checkpoint is saved through the
+    trainer (the atomic CheckpointIO), the handler that was installed before the fit started
+    (e.g. submitit's SIGUSR2 requeue) is called, and `Preempted` (a SystemExit, status
+    128 + signal) ends the run: no epoch-end hook can overwrite last.ckpt, and no final
+    evaluation or results.json is written for an unfinished run. Resume with `ckpt_path=last`.
+
+    A signal during validation or the sanity check acts at the next training batch (or at the
+    end of training). A second signal of the same kind while the save is pending is passed on at
+    once (the previous handler; the default action, i.e. termination, if there was none).
+    SIGUSR1 is left to Lightning when Lightning's SLURM auto-requeue is on (its own handler saves
+    an hpc checkpoint and requeues the job).
+    """
+
+    def __init__(
+        self,
+        dirpath: PathLike | None = None,
+        filename: str = "last.ckpt",
+        signals: Sequence[str | int] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
+        every_n_steps: int = 1,
+        exit_code: int | None = None,
+    ) -> None:
+        if int(every_n_steps) < 1:
+            raise ConfigError(
+                f"callbacks.preemption.every_n_steps={every_n_steps}: it must be >= 1 (1: act at "
+                "the first batch end after the signal)"
+            )
+        self.dirpath = None if dirpath is None else str(dirpath)
+        self.filename = str(filename)
+        self.signals = [_signal_number(s) for s in signals]
+        self.every_n_steps = int(every_n_steps)
+        self.exit_code = exit_code
+        self.pending: int | None = None
+        self._passed_on = False  # the previous handler ran already (second signal)
+        self._before: dict[int, Any] = {}  # handlers present before the fit: chained
+        self._replaced: dict[int, Any] = {}  # handlers present when ours went in: restored
+
+    # ---------------------------------------------------------------- handlers
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.pending = None
+        self._passed_on = False
+        self._before, self._replaced = {}, {}
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("Preemption: not in the main thread, signal handlers not installed")
+            return
+        for sig in self.signals:
+            if sig == signal.SIGUSR1 and _slurm_requeue(trainer):
+                log.info("Preemption: SIGUSR1 left to Lightning's SLURM auto-requeue")
+                continue
+            self._before[sig] = signal.getsignal(sig)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for sig in self._before:
+            self._replaced[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # no logging here: writing to a stream the interrupted code is writing to can raise
+        if self.pending is None:
+            self.pending = signum
+            return
+        if signum == self.pending and not self._passed_on:  # asked twice: act as without us
+            previous = self._before.get(signum)
+            self._passed_on = True
+            self._restore()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+                signal.raise_signal(signum)
+
+    def _restore(self) -> None:
+        for sig, handler in self._replaced.items():
+            if signal.getsignal(sig) == self._handle:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._replaced = {}
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
+
+    # ---------------------------------------------------------------- the stop
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        # single device: a plain bool; DDP: one all-reduce, so all ranks stop at the same step
+        if trainer.strategy.reduce_boolean_decision(self.pending is not None, all=False):
+            self._stop(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.pending is not None, all=False):
+            self._stop(trainer)
+
+    def checkpoint_path(self, trainer: Trainer) -> str:
+        cb = trainer.checkpoint_callback
+        dirpath = self.dirpath or (
+            cb.dirpath if isinstance(cb, ModelCheckpoint) and cb.dirpath else None
+        )
+        return os.path.join(
+            dirpath or os.path.join(trainer.default_root_dir, "checkpoints"), self.filename
+        )
+
+    def _stop(self, trainer: Trainer) -> None:
+        signum = self.pending or signal.SIGTERM  # a rank that got no signal stops as for SIGTERM
+        path = self.checkpoint_path(trainer)
+        # a ModelCheckpoint that writes the same last.ckpt keeps overwriting it after the resume
+        # (else it would write last-v1.ckpt next to it and ckpt_path=last would find a stale file)
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                last = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+                if os.path.abspath(last) == os.path.abspath(path):
+                    cb.last_model_path = last
+        if trainer.is_global_zero:
+            log.warning(
+                "received %s: saving %s at global step %d, then stopping",
+                signal.Signals(signum).name,
+                path,
+                trainer.global_step,
+            )
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            log.warning(
+                "%s: saved %s at global step %d; stopping. Resume with ckpt_path=last (or "
+                "ckpt_path=%s)",
+                signal.Signals(signum).name,
+                path,
+                trainer.global_step,
+                path,
+            )
+        previous = self._before.get(signum) if self.pending and not self._passed_on else None
+        self._restore()
+        self.pending = None
+        if callable(previous):
+            previous(signum, None)
+        raise Preempted(int(signum), path, self.exit_code)
+
+
+# ------------------------------------------------------------------------------ NaN guard
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or gradient was NaN/inf; the weights were not updated with it."""
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One 0-d bool tensor (on the tensors' device, no host sync): every element is finite.
+
+    Per tensor one reduction (a fused `_foreach_norm` where available): a 1-norm is NaN/inf iff
+    an element is (fp16 tensors, whose norm could overflow, are tested element-wise).
+    """
+    tensors = [t for t in tensors if t.is_floating_point() or t.is_complex()]  # ints: finite
+    if not tensors:
+        return torch.tensor(True)
+    half = [t for t in tensors if t.dtype == torch.float16]
+    rest = [t for t in tensors if t.dtype != torch.float16 and not t.is_sparse]
+    parts: list[torch.Tensor] = [torch.isfinite(t).all().reshape(1) for t in half]
+    if rest:
+        try:
+            norms = torch._foreach_norm(rest, 1)
+        except (AttributeError, RuntimeError, TypeError):
+            norms = [torch.linalg.vector_norm(t, 1) for t in rest]
+        device = norms[0].device
+        parts.append(torch.isfinite(torch.stack([n.float().to(device) for n in norms])).all()[None])
+    device = parts[0].device
+    return torch.cat([p.to(device) for p in parts]).all()
+
+
+class NanGuard(Callback):
+    """Non-finite loss terms or gradients stop the run (`action="stop"`) or skip the step.
+
+    The loss terms come from the module's `method` (a forward hook keeps the detached terms of
+    the training step; other modules: the summed loss), the gradients from the optimizer, both
+    checked in `on_before_optimizer_step`, i.e. after backward and before the weights change.
+
+    - stop: `NonFiniteError` naming the non-finite terms, the parameters with non-finite
+      gradients and the global step; the weights, last.ckpt and every checkpoint stay finite.
+    - skip: the step's gradients are dropped (the optimizer leaves the weights and its state
+      alone; the LR schedule still advances), `skipped` counts them (logged as
+      `train/skipped_steps`, kept in checkpoints).
+
+    The check is one fused all-finite reduction and one host read. On CPU that costs nothing
+    noticeable and runs every step. On an accelerator the read is a sync per step, so by default
+    (`every_n_steps=None`) it runs every `trainer.log_every_n_steps` steps there (the steps that
+    sync for logging anyway) and every step in skip mode; `every_n_steps=1` checks every step
+    everywhere. A non-finite step between checks can reach the weights, but never a checkpoint:
+    `on_save_checkpoint` refuses to write non-finite weights (one check per save). Under
+    `16-mixed` precision the GradScaler owns gradient overflow (it skips those steps itself), so
+    only the loss terms are checked.
+    """
+
+    def __init__(
+        self, action: str = "stop", every_n_steps: int | None = None, check_grads: bool = True
+    ) -> None:
+        if action not in ("stop", "skip"):
+            raise ConfigError(
+                f"callbacks.nan_guard.action='{action}': choose stop (end the run, keep the last "
+                "good checkpoint) or skip (drop the step's gradients and go on)"
+            )
+        if every_n_steps is not None and int(every_n_steps) < 1:
+            raise ConfigError(
+                f"callbacks.nan_guard.every_n_steps={every_n_steps}: give an integer >= 1, or "
+                "null for the default (every step on CPU and in skip mode)"
+            )
+        self.action = action
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self.check_grads = bool(check_grads)
+        self.skipped = 0
+        self._every = 1
+        self._terms: dict[str, torch.Tensor] | None = None
+        self._records: list[dict[str, torch.Tensor]] = []
+        self._hook: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+    # ---------------------------------------------------------------- collecting the terms
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_steps is not None:
+            self._every = self.every_n_steps
+        elif self.action == "skip" or trainer.strategy.root_device.type == "cpu":
+            self._every = 1
+        else:
+            self._every = max(1, int(trainer.log_every_n_steps))
+        self._records, self._terms = [], None
+        method = getattr(pl_module, "method", None)
+        if isinstance(method, nn.Module) and self._hook is None:
+            self._hook = method.register_forward_hook(self._keep_terms)
+
+    def _keep_terms(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training and isinstance(output, Mapping):
+            self._terms = {
+                str(k): v.detach() for k, v in output.items() if isinstance(v, torch.Tensor)
+            }
+
+    def on_before_backward(
+        self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._records.append(self._terms or {"loss": loss.detach()})
+        self._terms = None
+
+    def _unhook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._records, self._terms = [], None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._unhook()
+        if self.skipped and trainer.is_global_zero:
+            log.warning("nan_guard skipped %d step(s) with non-finite values", self.skipped)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._unhook()
+
+    # ---------------------------------------------------------------- the check
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        records, self._records = self._records, []
+        step = trainer.global_step
+        if step % self._every:
+            return
+        values = [v for rec in records for v in rec.values()]
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params] if self.check_grads and not _scaler(trainer) else []
+        bad = not bool(all_finite([*values, *grads]))  # the one host sync
+        if not trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        what = _describe(records, params if grads else [], pl_module)
+        if self.action == "stop":
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+            keep = f"the last good checkpoint is '{last}'" if last else "no checkpoint was written"
+            late = (
+                f" (checked every {self._every} steps: it may have appeared up to "
+                f"{self._every - 1} steps earlier)"
+                if self._every > 1
+                else ""
+            )
+            raise NonFiniteError(
+                f"non-finite values at global step {step}{late}: {what}. The run stopped before "
+                f"the optimizer step; {keep}. Fix: lower optim.lr, check the inputs and "
+                "method.weights, then resume with ckpt_path=last; or set "
+                "callbacks.nan_guard.action=skip to drop such steps"
+            )
+        for p in params:
+            p.grad = None  # the optimizer skips parameters without gradients: no update at all
+        self.skipped += 1
+        if trainer.is_global_zero:
+            log.warning(
+                "nan_guard: skipped global step %d (%s); %d skipped so far",
+                step,
+                what,
+                self.skipped,
+            )
+            for lg in trainer.loggers:
+                lg.log_metrics({"train/skipped_steps": float(self.skipped)}, step=step)
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        sd = checkpoint.get("state_dict") or {}
+        weights = {
+            k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+        }
+        if not weights or bool(all_finite(list(weights.values()))):
+            return
+        bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
+        raise NonFiniteError(
+            f"refusing to write a checkpoint at global step {trainer.global_step}: non-finite "
+            f"weights in {_first(bad)}; the checkpoints already on disk are kept. Resume from "
+            "the last good one (ckpt_path=last) with a lower optim.lr, or check every step with "
+            "callbacks.nan_guard.every_n_steps=1"
+        )
+
+
+def _scaler(trainer: Trainer) -> bool:
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def _first(names: Sequence[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _describe(
+    records: Sequence[Mapping[str, torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    pl_module: LightningModule,
+) -> str:
+    """'loss terms mmd=nan (finite: kd=0.51, rec=0.13); gradients non-finite in 3 of 40 ...'."""
+    bad: dict[str, str] = {}
+    good: dict[str, str] = {}
+    for rec in records:
+        for k, v in rec.items():
+            val = f"{v.float().mean().item():.4g}" if v.numel() else "empty"
+            (good if bool(torch.isfinite(v).all()) else bad)[k] = val
+    parts = []
+    if bad:
+        fine = {k: v for k, v in good.items() if k not in bad}
+        rest = f" (finite: {', '.join(f'{k}={v}' for k, v in fine.items())})" if fine else ""
+        parts.append("loss terms " + ", ".join(f"{k}={v}" for k, v in bad.items()) + rest)
+    bad_grads = [p for p in params if not bool(torch.isfinite(p.grad).all())]
+    if bad_grads:
+        by_id = {id(p): n for n, p in pl_module.named_parameters()}
+        parts.append(
+            f"gradients non-finite in {len(bad_grads)} of {len(params)} parameter tensors "
+            f"({_first([by_id.get(id(p), '?') for p in bad_grads], 3)})"
+        )
+    return "; ".join(parts) or "non-finite values"
