@@ -7,7 +7,7 @@ DATA_DIR ?= data
 TEACHERS_DIR ?= teachers
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test test-fast test-soak lint format clean demo teachers data data-mnist bench \
+.PHONY: help install test test-fast test-long test-soak lint format clean demo teachers data data-mnist bench \
 	mnist-fashion4
 
 help:
@@ -15,6 +15,7 @@ help:
 	@echo "make demo     - get Fashion-MNIST, train two teachers, amalgamate, print the table"
 	@echo "make test     - the whole test suite (slow tests included, the soak test not)"
 	@echo "make test-fast - the tests not marked slow"
+	@echo "make test-long - variants of tested paths over the make-test budget (about 3 min)"
 	@echo "make test-soak - a long CPU run: memory stays flat over thousands of steps (minutes)"
 	@echo "make bench    - time teachers / student / full step / cached step on the demo models"
 	@echo "make mnist-fashion4 - the 4-teacher, 20-class benchmark (MNIST + Fashion-MNIST)"
@@ -31,10 +32,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q -m "not soak"
+	$(BIN)/python -m pytest -q -m "not soak and not long"
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not soak"
+	$(BIN)/python -m pytest -q -m "not slow and not soak and not long"
+
+test-long: install
+	$(BIN)/python -m pytest -q -m long
 
 test-soak: install
 	$(BIN)/python -m pytest -q -s -m soak tests/test_reliability.py

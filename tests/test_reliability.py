@@ -375,6 +375,7 @@ def test_sigterm_saves_last_ckpt_stops_and_resumes_to_the_same_step(
 
 
 @pytest.mark.slow
+@pytest.mark.long  # SIGTERM's test covers the same path inside make test
 def test_sigusr1_from_outside_saves_and_resumes(tiny_teachers, tmp_path, uninterrupted):
     d = tmp_path / "run"
     marker = tmp_path / "training"

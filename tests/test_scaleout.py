@@ -197,6 +197,7 @@ def test_wandb_offline_logs_metrics(tiny_teachers, tmp_path):
         assert key in data, key
 
 
+@pytest.mark.long  # test_reliability's SIGTERM resume test covers it inside make test
 def test_kill_and_resume_matches_uninterrupted_run(tiny_teachers, tmp_path):
     common = [
         "experiment=tiny",

@@ -30,11 +30,11 @@ def package_file(package: str, relative: str) -> str:
     return str(path)
 
 
-def imagenet_classes() -> list[str]:
+def imagenet_classes() -> Any:
     """`${imagenet_classes:}`: the 1000 ImageNet-1k class ids (WordNet ids, timm's order)."""
     from timm.data import ImageNetInfo
 
-    return list(ImageNetInfo().label_names())
+    return OmegaConf.create(list(ImageNetInfo().label_names()))  # a resolver returns a node
 
 
 OmegaConf.register_new_resolver("pkg_file", package_file, replace=True)
