@@ -189,3 +189,21 @@ def test_feature_reading_target_rule_trains(tiny_teachers, tmp_path, method):
     )
     cached = module.losses(batch["image"], index=batch["index"])
     torch.testing.assert_close(cached["kd"], terms["kd"], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("test_vit", ["+student.model_kwargs.img_size=32", "+student.model_kwargs.patch_size=8"]),
+        ("test_efficientnet", []),
+        ("test_resnet", []),
+    ],
+)
+def test_student_of_any_family_trains_a_step(tiny_teachers, tmp_path, arch, extra):
+    cfg = config(tiny_teachers, tmp_path, ("tiny_a", "tiny_b"), [f"student.arch={arch}", *extra])
+    dm, module = build_amalgamation(cfg)
+    x = next(iter(dm.train_dataloader()))["image"]
+    terms = module.losses(x)
+    sum(terms.values()).backward()
+    assert set(terms) == {"kd", "mmd", "rec"} and all(torch.isfinite(v) for v in terms.values())
+    assert module.student.model.get_classifier().weight.grad.abs().sum() > 0
