@@ -113,6 +113,17 @@ def _number(value: Any, key: str) -> float:
     return float(value)
 
 
+def _loss_weight(value: Any, key: str, note: str, target: str) -> float:
+    """A loss weight at `key`: a finite number >= 0 (the message says to set `target`)."""
+    w = _number(value, key)
+    if not math.isfinite(w) or w < 0:
+        raise ConfigError(
+            f"{key}={value}: a loss weight must be a finite number >= 0{note} "
+            f"set {target} to e.g. 1.0"
+        )
+    return w
+
+
 def check_method(method: Mapping[str, Any]) -> type:
     """Keys, loss weights, temperature and MMD bandwidths of `method`; returns its class."""
     cls = _locate(method.get("_target_"), "method._target_")
@@ -129,12 +140,8 @@ def check_method(method: Mapping[str, Any]) -> type:
                     f"unknown config key 'method.weights.{k}': {cls.__name__} has the loss terms "
                     f"{list(terms)}; rename or remove it"
                 )
-            w = _number(v, f"method.weights.{k}")
-            if not math.isfinite(w) or w < 0:
-                raise ConfigError(
-                    f"method.weights.{k}={v}: a loss weight must be a finite number >= 0 "
-                    f"(0 switches the term off); set method.weights.{k} to e.g. 1.0"
-                )
+            key = f"method.weights.{k}"
+            _loss_weight(v, key, " (0 switches the term off);", key)
         if weights and all(float(v) == 0 for v in weights.values()):
             first = next(iter(weights))
             raise ConfigError(
@@ -582,12 +589,7 @@ def check_teacher_weights(method: Mapping[str, Any], names: Sequence[str]) -> No
                 f"method.teacher_weights.{k}: there is no teacher '{k}' (teachers are "
                 f"{list(names)}); rename or remove it"
             )
-        w = _number(v, f"method.teacher_weights.{k}")
-        if not math.isfinite(w) or w < 0:
-            raise ConfigError(
-                f"method.teacher_weights.{k}={v}: a loss weight must be a finite number >= 0; "
-                f"set it to e.g. 1.0"
-            )
+        _loss_weight(v, f"method.teacher_weights.{k}", ";", "it")
 
 
 def check_targets(targets: Mapping[str, Any] | None, space: LabelSpace) -> None:
