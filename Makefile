@@ -8,7 +8,7 @@ TEACHERS_DIR ?= teachers
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: help install test test-fast test-long test-soak lint format clean demo teachers data data-mnist bench \
-	mnist-fashion4
+	bench-accuracy mnist-fashion4
 
 help:
 	@echo "make install  - create $(VENV) and install amalgam[dev] (idempotent)"
@@ -18,6 +18,7 @@ help:
 	@echo "make test-long - variants of tested paths over the make-test budget (about 3 min)"
 	@echo "make test-soak - a long CPU run: memory stays flat over thousands of steps (minutes)"
 	@echo "make bench    - time teachers / student / full step / cached step on the demo models"
+	@echo "make bench-accuracy - the fashion2 evidence table: scratch/kd/cfl/ablations x 3 seeds (about 1 h)"
 	@echo "make mnist-fashion4 - the 4-teacher, 20-class benchmark (MNIST + Fashion-MNIST)"
 	@echo "make lint / make format / make clean"
 
@@ -84,6 +85,12 @@ demo: install data
 
 bench: teachers
 	$(BIN)/python -m amalgam.bench experiment=demo bench.write=docs/PERFORMANCE.md
+
+# the fashion2 evidence table (docs/RESULTS.md): 5 methods x 3 seeds, density_ratio targets, cached
+bench-accuracy: teachers
+	@start=$$(date +%s); \
+	$(BIN)/python -m amalgam.amalgamate experiment=fashion2 sweep=evidence || exit 1; \
+	echo "bench-accuracy wall time: $$(( $$(date +%s) - start )) s"
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -78,6 +78,7 @@ def test_multirun_2x2_aggregates_mean_and_std(tiny_teachers, tmp_path):
     assert len({p.parent.name for p in results}) == 4
     runs = [json.loads(p.read_text()) for p in results]
     assert {r["variant"] for r in runs} == {"method=kd", "method=cfl"}
+    assert {r["targets"] for r in runs} == {"Concat"}  # the target rule each run used
     rows = {r["variant"]: r for r in csv.DictReader((sweep / "report.csv").open())}
     for variant in ("method=kd", "method=cfl"):
         accs = [100 * r["joint"]["student_acc"] for r in runs if r["variant"] == variant]
@@ -89,6 +90,7 @@ def test_multirun_2x2_aggregates_mean_and_std(tiny_teachers, tmp_path):
             statistics.stdev(accs), abs=1e-3
         )
     md = (sweep / "report.md").read_text()
+    assert "target rule, Concat)" in md
     assert "±" in md and "method=kd" in md and (sweep / "report.png").stat().st_size > 1000
     # the report CLI rebuilds the same table
     (sweep / "report.md").unlink()

@@ -588,6 +588,7 @@ class Amalgamation:
                     "method": self._info["method"],
                     "variant": self._info["variant"],
                     "uses_labels": bool(module.method.uses_labels),
+                    "targets": type(module.method.targets).__name__,
                     "seed": self._info["seed"],
                     "student_arch": self._info["student_arch"],
                     "teacher_archs": {n: m.arch for n, m in module.teachers.metas.items()},

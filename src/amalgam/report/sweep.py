@@ -50,6 +50,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "n": len(rs),
             "seeds": sorted(r.get("seed") for r in rs),
             "uses_labels": any(r.get("uses_labels") for r in rs),
+            "targets": sorted({str(r.get("targets", "Concat")) for r in rs}),
             "tasks": {},
         }
         for task in rs[0]["tasks"]:
@@ -95,11 +96,13 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 def markdown(rows: list[dict[str, Any]], sweep_dir: str | Path) -> str:
     header, body = table_rows(rows)
+    rules = ", ".join(sorted({t for r in rows for t in r["targets"]}))
     lines = [
         f"# Sweep report: {sweep_dir}",
         "",
         "Test accuracy in %, mean ± std over seeds. Task columns: task-aware accuracy; "
-        "joint: argmax over the union (teachers: concatenated logits).",
+        "joint: argmax over the union (teachers: their ensemble under the target rule, "
+        f"{rules}).",
         "",
         *md_table(header, body),
     ]
