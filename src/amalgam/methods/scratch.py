@@ -18,8 +18,16 @@ class Scratch(Method):
     uses_teachers = False
 
     def __init__(
-        self, space, student_shapes=(), teacher_shapes=None, weights=None, targets=None
+        self,
+        space,
+        student_shapes=(),
+        teacher_shapes=None,
+        weights=None,
+        targets=None,
+        temperature: float | None = None,
     ) -> None:
+        # `temperature` is accepted and unused (no soft targets here): an experiment can then
+        # set `method.temperature` once for a sweep that includes this labelled bound.
         super().__init__(space, student_shapes, teacher_shapes, weights or {"ce": 1.0}, targets)
 
     def forward(self, student: ModelOutput, teachers=None, labels=None) -> dict[str, torch.Tensor]:
