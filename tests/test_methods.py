@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from amalgam.backbone import Backbone
+from amalgam.backbone import Backbone, ModelOutput
 from amalgam.evaluation import AmalgamAccuracy
 from amalgam.methods import CFL, KD, CommonFeatureBlock, Scratch
 from amalgam.module import AmalgamModule, images_of
@@ -141,6 +141,14 @@ def test_scratch_is_marked_as_using_labels():
     m = Scratch(sp)
     assert m.uses_labels and not m.uses_teachers and not KD(sp).uses_labels
     assert not CFL.uses_labels
+
+
+def test_scratch_loss_is_cross_entropy_whatever_the_temperature():
+    sp = LabelSpace.from_mapping({"a": ["x", "y"], "b": ["z"]})
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    want = torch.nn.functional.cross_entropy(logits, labels)
+    for m in (Scratch(sp), Scratch(sp, temperature=4.0)):  # a sweep-wide T is ignored here
+        torch.testing.assert_close(m(ModelOutput(logits, []), None, labels)["ce"], want)
 
 
 def test_amalgamation_batches_refuse_labels():
