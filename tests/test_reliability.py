@@ -4,6 +4,7 @@ soak run for memory growth (issue 8, items 3, 4 and 6; docs/RELIABILITY.md)."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -326,6 +327,7 @@ RUN = [
     "trainer.limit_train_batches=6",
     "trainer.limit_val_batches=1",
     "data.test_limit=64",
+    "trainer.log_every_n_steps=1",
     *QUIET,
 ]
 
@@ -357,6 +359,12 @@ def resume_and_compare(root: Path, d: Path, full: dict) -> dict:
     return resumed
 
 
+def train_steps(run_dir: Path) -> list[int]:
+    """The steps of metrics.csv's rows that carry a training loss."""
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_last_ckpt_stops_and_resumes_to_the_same_step(
     tiny_teachers, tmp_path, uninterrupted
@@ -371,7 +379,11 @@ def test_sigterm_saves_last_ckpt_stops_and_resumes_to_the_same_step(
     ckpt = torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # the batch end after the signal, mid-epoch 0
     assert not (d / "results.json").exists()  # an unfinished run reports nothing
+    before = train_steps(d)  # the rows logged before the signal's batch end
+    assert before == [0, 1, 2]
     resume_and_compare(tiny_teachers, d, uninterrupted)
+    after = train_steps(d)  # kept, and the resumed run (steps 4..11) appended after them
+    assert after == [0, 1, 2, *range(4, 12)]
 
 
 @pytest.mark.slow

@@ -407,9 +407,11 @@ class Amalgamation:
             if isinstance(trainer, L.Trainer):
                 return list(trainer.loggers)
             if loggers is None:
-                from lightning.pytorch.loggers import CSVLogger
+                from amalgam.launch import step_of
+                from amalgam.reliability import CSVLogger
 
-                return [CSVLogger(save_dir=str(out_dir), name="csv", version="")]
+                step = step_of(resume_from) if resume_from is not None else None
+                return [CSVLogger(save_dir=str(out_dir), name="csv", version="", resume_step=step)]
             return list(loggers)
 
         def make_trainer(lg: list[Any], cb: list[Any]) -> L.Trainer:

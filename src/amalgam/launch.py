@@ -81,6 +81,11 @@ def wandb_id_of(ckpt: Path | None) -> str | None:
     return rec.get("wandb_id")
 
 
+def step_of(ckpt: Path) -> int:
+    """The global step a checkpoint resumes at."""
+    return int(torch.load(str(ckpt), map_location="cpu", weights_only=True)["global_step"])
+
+
 def make_loggers(cfg: DictConfig, variant: str, resume_from: Path | None) -> list[Any]:
     """Instantiate the logger group; wandb runs are grouped by variant and resume their id."""
     loggers = []
@@ -97,6 +102,8 @@ def make_loggers(cfg: DictConfig, variant: str, resume_from: Path | None) -> lis
             if run_id:
                 kwargs |= {"id": run_id, "resume": "allow"}
                 log.info("resuming wandb run %s", run_id)
+        if lcfg._target_ == "amalgam.reliability.CSVLogger" and resume_from is not None:
+            kwargs["resume_step"] = step_of(resume_from)  # keep the rows logged before it
         loggers.append(hydra.utils.instantiate(lcfg, **kwargs))
     return loggers
 

@@ -5,6 +5,8 @@
   (or a resumed run) sees the old file or the new one, never a torn one, whatever kills the writer.
 - `Preemption`: SIGTERM / SIGUSR1 / SIGUSR2 during training save `checkpoints/last.ckpt` at the next
   batch end and stop the run (`Preempted`); `ckpt_path=last` resumes it.
+- `CSVLogger`: Lightning's CSV logger that, on a resumed run, keeps the interrupted run's rows
+  before the checkpoint's step (Lightning's deletes the whole metrics.csv).
 - `NanGuard`: a non-finite loss term or gradient stops the run before the optimizer step
   (`NonFiniteError`, naming the terms and the step) or skips that step; no checkpoint with
   non-finite weights is ever written.
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import re
 import signal
@@ -28,7 +31,10 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from amalgam.tasks import ConfigError
@@ -36,6 +42,7 @@ from amalgam.utils import log
 
 __all__ = [
     "AtomicCheckpointIO",
+    "CSVLogger",
     "NanGuard",
     "NonFiniteError",
     "Preempted",
@@ -213,6 +220,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # ------------------------------------------------------------------------------ preemption
+
+
+class _ResumingWriter(ExperimentWriter):
+    """Keeps metrics.csv's rows of steps < `resume_step` and appends after them."""
+
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # called by __init__, after metrics_keys = []
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if _step_of(r) < self._resume_step]
+        self.metrics_keys = keys
+        with atomic_open(path, "w") as f:  # text mode: newline handling as csv expects
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _step_of(row: Mapping[str, str]) -> float:
+    try:
+        return float(row.get("step") or "inf")
+    except ValueError:
+        return float("inf")
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger; with `resume_step` (set by the launcher on `ckpt_path=...`), the
+    rows the interrupted run logged before that step are kept and the resumed run appends."""
+
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self._resume_step is not None and rank_zero_only.rank == 0:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
+        return super().experiment
 
 
 class Preempted(SystemExit):
