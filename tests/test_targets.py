@@ -482,3 +482,43 @@ def test_rules_eval_scores_rules_on_the_teacher_ensemble(tiny_teachers, tmp_path
     assert res["oracle_gate"]["joint"] >= res["concat"]["joint"] - 1e-9
     n = res["_info"]["n_test"]
     assert sum(map(sum, res["ood_msp"]["task_confusion"])) == n
+
+
+@pytest.mark.slow
+def test_a_resume_takes_the_rules_statistics_from_the_checkpoint_without_refitting(
+    tiny_teachers, tmp_path, monkeypatch
+):
+    from amalgam.api import Amalgamation
+    from amalgam.launch import rule_fitted_in
+
+    run = tmp_path / "run"
+    overrides = ["experiment=tiny", "debug=quick", "targets=density_ratio", "targets.pool_limit=200"]
+    first = Amalgamation.from_config(make_cfg("amalgamate", overrides, tiny_teachers, run))
+    res = first.fit()
+    ckpt = run / "checkpoints" / "final.ckpt"
+    assert rule_fitted_in(ckpt) and not rule_fitted_in(
+        _concat_checkpoint(tiny_teachers, tmp_path / "concat")
+    )
+    fitted = {k: v for k, v in first.module.state_dict().items() if ".targets." in k}
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the resumed run refit its target rule")
+
+    monkeypatch.setattr(DensityRatio, "_fit", refit)
+    cfg = make_cfg("amalgamate", [*overrides, f"ckpt_path={ckpt}"], tiny_teachers, run)
+    again = Amalgamation.from_config(cfg)
+    assert not again.module.method.targets.is_fit  # not fitted at build time...
+    res2 = again.fit()  # ...Lightning restores it from the checkpoint before any step
+    assert again.module.method.targets.is_fit
+    for k, v in fitted.items():
+        torch.testing.assert_close(again.module.state_dict()[k], v)
+    assert res2["joint"]["teacher_ensemble_acc"] == res["joint"]["teacher_ensemble_acc"]
+
+
+def _concat_checkpoint(root: Path, out: Path) -> Path:
+    cfg = make_cfg("amalgamate", ["experiment=tiny"], root, out)
+    _, module = build_amalgamation(cfg)
+    path = out / "m.ckpt"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "global_step": 0}, path)
+    return path

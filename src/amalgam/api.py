@@ -33,6 +33,7 @@ from amalgam.launch import (
     make_loggers,
     method_name,
     resume_checkpoint,
+    rule_fitted_in,
     variant_name,
     wandb_id,
 )
@@ -460,7 +461,10 @@ class Amalgamation:
         L.seed_everything(cfg.seed, workers=True)
         out_dir = _output_dir(cfg)
         resume_from = resume_checkpoint(cfg)
-        dm, module = build_amalgamation(cfg)
+        # a resumed run takes the rule's statistics from its checkpoint instead of refitting
+        dm, module = build_amalgamation(
+            cfg, fit_rules=resume_from is None or not rule_fitted_in(resume_from)
+        )
         attach_cache(cfg.get("teacher_cache"), dm, module)
         variant = variant_name(cfg)
         info = {

@@ -81,6 +81,13 @@ def wandb_id_of(ckpt: Path | None) -> str | None:
     return rec.get("wandb_id")
 
 
+def rule_fitted_in(ckpt: Path) -> bool:
+    """Whether a checkpoint holds a fitted target rule's statistics (a resume then skips the fit:
+    Lightning restores them into the rebuilt rule before the first step)."""
+    sd = torch.load(str(ckpt), map_location="cpu", weights_only=True).get("state_dict", {})
+    return any(k.endswith("targets.fitted") and bool(v) for k, v in sd.items())
+
+
 def step_of(ckpt: Path) -> int:
     """The global step a checkpoint resumes at."""
     return int(torch.load(str(ckpt), map_location="cpu", weights_only=True)["global_step"])
