@@ -492,7 +492,12 @@ def test_a_resume_takes_the_rules_statistics_from_the_checkpoint_without_refitti
     from amalgam.launch import rule_fitted_in
 
     run = tmp_path / "run"
-    overrides = ["experiment=tiny", "debug=quick", "targets=density_ratio", "targets.pool_limit=200"]
+    overrides = [
+        "experiment=tiny",
+        "debug=quick",
+        "targets=density_ratio",
+        "targets.pool_limit=200",
+    ]
     first = Amalgamation.from_config(make_cfg("amalgamate", overrides, tiny_teachers, run))
     res = first.fit()
     ckpt = run / "checkpoints" / "final.ckpt"
