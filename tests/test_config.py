@@ -21,7 +21,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-AMALGAM_EXPERIMENTS = ["demo", "mnist_fashion4", "tiny"]
+AMALGAM_EXPERIMENTS = ["demo", "fashion2", "mnist_fashion4", "tiny"]
 TEACHER_EXPERIMENTS = ["demo_teachers", "mnist_fashion4_teachers", "tiny_teachers"]
 
 
@@ -56,6 +56,23 @@ def test_amalgamate_experiments_compose(exp, tmp_path):
     cfg = make_cfg("amalgamate", [f"experiment={exp}"], tmp_path)
     OmegaConf.resolve(cfg)
     assert cfg.teacher_set and cfg.student.arch and cfg.method._target_
+
+
+@pytest.mark.parametrize("method", ["scratch", "kd", "cfl", "cfl_no_mmd", "cfl_no_rec"])
+def test_fashion2_is_the_demo_with_the_density_ratio_rule_cache_and_t4(method, tmp_path):
+    demo = make_cfg("amalgamate", ["experiment=demo", f"method={method}"], tmp_path)
+    cfg = make_cfg(
+        "amalgamate", ["experiment=fashion2", "sweep=evidence", f"method={method}"], tmp_path
+    )
+    assert cfg.targets._target_ == "amalgam.targets.DensityRatio" and cfg.teacher_cache.enabled
+    assert cfg.method.temperature == 4.0 and cfg.task_name == "fashion2"
+    for key in ("data", "teacher_set", "student", "trainer", "optim"):
+        assert cfg[key] == demo[key], key
+    sweep = OmegaConf.load(Path(CONF_DIR) / "sweep" / "evidence.yaml")
+    assert sweep.hydra.sweeper.params == {
+        "method": "scratch,kd,cfl,cfl_no_mmd,cfl_no_rec",
+        "seed": "0,1,2",
+    }
 
 
 @pytest.mark.parametrize("teacher", options("teacher"))
