@@ -34,12 +34,13 @@ from amalgam.launch import (
     method_name,
     resume_checkpoint,
     rule_fitted_in,
+    step_of,
     variant_name,
     wandb_id,
 )
 from amalgam.methods.base import Method
 from amalgam.module import AmalgamModule
-from amalgam.reliability import AtomicCheckpointIO
+from amalgam.reliability import AtomicCheckpointIO, CSVLogger
 from amalgam.tasks import ConfigError
 from amalgam.teachers.bank import TeacherBank, load_teacher_bank
 from amalgam.teachers.cache import open_or_build
@@ -408,9 +409,6 @@ class Amalgamation:
             if isinstance(trainer, L.Trainer):
                 return list(trainer.loggers)
             if loggers is None:
-                from amalgam.launch import step_of
-                from amalgam.reliability import CSVLogger
-
                 step = step_of(resume_from) if resume_from is not None else None
                 return [CSVLogger(save_dir=str(out_dir), name="csv", version="", resume_step=step)]
             return list(loggers)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import torch
@@ -74,23 +75,45 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
     return path
 
 
+class ResumeState(NamedTuple):
+    """What a resume needs from its checkpoint besides the weights Lightning restores."""
+
+    step: int  # the global step it resumes at
+    wandb_id: str | None
+    rule_fitted: bool  # holds a fitted target rule's statistics (then the resume skips the fit)
+
+
+@functools.lru_cache(maxsize=4)
+def _resume_state(path: str, mtime_ns: int, size: int) -> ResumeState:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    sd = ckpt.get("state_dict", {})
+    return ResumeState(
+        step=int(ckpt["global_step"]),
+        wandb_id=(ckpt.get("amalgam") or {}).get("wandb_id"),
+        rule_fitted=any(k.endswith("targets.fitted") and bool(v) for k, v in sd.items()),
+    )
+
+
+def resume_state(ckpt: Path) -> ResumeState:
+    """Read once per file version (keyed by path, mtime and size), however many parts of the
+    launch ask: the loggers (step, wandb id) and the build (whether to fit the rule)."""
+    st = os.stat(ckpt)
+    return _resume_state(str(ckpt), st.st_mtime_ns, st.st_size)
+
+
 def wandb_id_of(ckpt: Path | None) -> str | None:
-    if ckpt is None:
-        return None
-    rec = torch.load(str(ckpt), map_location="cpu", weights_only=True).get("amalgam", {})
-    return rec.get("wandb_id")
+    return None if ckpt is None else resume_state(ckpt).wandb_id
 
 
 def rule_fitted_in(ckpt: Path) -> bool:
     """Whether a checkpoint holds a fitted target rule's statistics (a resume then skips the fit:
     Lightning restores them into the rebuilt rule before the first step)."""
-    sd = torch.load(str(ckpt), map_location="cpu", weights_only=True).get("state_dict", {})
-    return any(k.endswith("targets.fitted") and bool(v) for k, v in sd.items())
+    return resume_state(ckpt).rule_fitted
 
 
 def step_of(ckpt: Path) -> int:
     """The global step a checkpoint resumes at."""
-    return int(torch.load(str(ckpt), map_location="cpu", weights_only=True)["global_step"])
+    return resume_state(ckpt).step
 
 
 def make_loggers(cfg: DictConfig, variant: str, resume_from: Path | None) -> list[Any]:
