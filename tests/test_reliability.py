@@ -359,6 +359,33 @@ def resume_and_compare(root: Path, d: Path, full: dict) -> dict:
     return resumed
 
 
+def signal_at_step_2(
+    root: Path, run_args: list[str], d: Path, sig: signal.Signals, deadline_s: float
+) -> tuple[int, str]:
+    """Start a run in `d` that marks (and slows) step 2, send `sig` to its main process once the
+    mark exists, and return its exit status and log."""
+    marker = d.with_name(d.name + "_training")
+    args = [
+        "+callbacks.mark._target_=signals.MarkAndSlow",
+        "+callbacks.mark.step=2",
+        f"+callbacks.mark.path={marker}",
+    ]
+    log = d.with_name(d.name + "_preempted.log")
+    p = start(root, *run_args, f"hydra.run.dir={d}", *args, out=log)
+    try:
+        deadline = time.time() + deadline_s
+        while not marker.exists():
+            assert p.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "training never reached step 2"
+            time.sleep(0.05)
+        os.kill(p.pid, sig)
+        rc = p.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    return rc, log.read_text()
+
+
 def train_steps(run_dir: Path) -> list[int]:
     """The steps of metrics.csv's rows that carry a training loss."""
     with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
@@ -390,26 +417,9 @@ def test_sigterm_saves_last_ckpt_stops_and_resumes_to_the_same_step(
 @pytest.mark.long  # SIGTERM's test covers the same path inside make test
 def test_sigusr1_from_outside_saves_and_resumes(tiny_teachers, tmp_path, uninterrupted):
     d = tmp_path / "run"
-    marker = tmp_path / "training"
-    args = [
-        "+callbacks.mark._target_=signals.MarkAndSlow",
-        "+callbacks.mark.step=2",
-        f"+callbacks.mark.path={marker}",
-    ]
-    log = tmp_path / "preempted.log"
-    p = start(tiny_teachers, *RUN, f"hydra.run.dir={d}", *args, out=log)
-    try:
-        deadline = time.time() + 300
-        while not marker.exists():
-            assert p.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "training never reached step 2"
-            time.sleep(0.05)
-        os.kill(p.pid, signal.SIGUSR1)  # as SLURM's --signal=USR1@<s> does before the limit
-        rc = p.wait(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-    assert rc == 128 + signal.SIGUSR1, log.read_text()[-3000:]
+    # as SLURM's --signal=USR1@<s> does before the time limit
+    rc, text = signal_at_step_2(tiny_teachers, RUN, d, signal.SIGUSR1, deadline_s=300)
+    assert rc == 128 + signal.SIGUSR1, text[-3000:]
     step = torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 2 < step < 12
     assert not (d / "results.json").exists()
@@ -423,27 +433,9 @@ def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_the_same_step(
     """DDP on CPU (2 processes): only rank 0 gets SIGTERM; the reduced flag stops rank 1 at the
     same batch end, the checkpoint is written once, and the DDP resume ends at the same step."""
     d = tmp_path / "run"
-    marker = tmp_path / "training"
     ddp = [*RUN, "trainer=ddp_cpu"]
-    args = [
-        "+callbacks.mark._target_=signals.MarkAndSlow",
-        "+callbacks.mark.step=2",
-        f"+callbacks.mark.path={marker}",
-    ]
-    log = tmp_path / "preempted.log"
-    p = start(tiny_teachers, *ddp, f"hydra.run.dir={d}", *args, out=log)
-    try:
-        deadline = time.time() + 400
-        while not marker.exists():
-            assert p.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "training never reached step 2"
-            time.sleep(0.05)
-        os.kill(p.pid, signal.SIGTERM)  # rank 0 only (Lightning started rank 1 as a child)
-        rc = p.wait(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-    text = log.read_text()
+    # to rank 0 only (Lightning started rank 1 as a child)
+    rc, text = signal_at_step_2(tiny_teachers, ddp, d, signal.SIGTERM, deadline_s=400)
     assert rc == 128 + signal.SIGTERM, text[-3000:]
     assert text.count("SIGTERM: saved") == 1  # rank 0 reports (and writes) once
     step = torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
