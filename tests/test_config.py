@@ -75,6 +75,22 @@ def test_fashion2_is_the_demo_with_the_density_ratio_rule_cache_and_t4(method, t
     }
 
 
+@pytest.mark.parametrize("exp", ["fashion2", "mnist_fashion4"])
+def test_rules_sweep_covers_every_target_rule_on_both_benchmarks(exp, tmp_path):
+    sweep = OmegaConf.load(Path(CONF_DIR) / "sweep" / "rules.yaml")
+    params = sweep.hydra.sweeper.params
+    assert sorted(params.targets.split(",")) == sorted(options("targets"))
+    assert params.seed == "0,1,2"
+    for rule in params.targets.split(","):
+        # a command-line rule wins over the experiment's own (fashion2 sets density_ratio)
+        cfg = make_cfg(
+            "amalgamate", [f"experiment={exp}", "sweep=rules", f"targets={rule}"], tmp_path
+        )
+        expected = OmegaConf.load(Path(CONF_DIR) / "targets" / f"{rule}.yaml")
+        assert cfg.targets == expected, rule
+        assert cfg.method._target_ == "amalgam.methods.CFL" and cfg.task_name == exp
+
+
 @pytest.mark.parametrize("teacher", options("teacher"))
 def test_every_teacher_composes_for_training(teacher, tmp_path):
     for exp in TEACHER_EXPERIMENTS:
