@@ -23,7 +23,7 @@ def setup(tiny_teachers, tmp_path):
 
 def open_cache(dm, module, root, **kw):
     return tc.open_or_build(
-        root, module.teachers, dm.cache_key(), dm.indices("train"), dm.pool_dataloader, **kw
+        root, module.teachers, dm.cache_key(), dm.cache_ids(), dm.cache_dataloader, **kw
     )
 
 
@@ -41,21 +41,50 @@ def test_cached_outputs_equal_teacher_outputs(setup):
             assert g.shape == w.shape
             torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-3)
     assert len(list(root.iterdir())) == 2  # one directory per teacher
+    cache.lookup(dm.indices("val")[:1], "cpu")  # held-out images too: any seed's pool is in
+    outside = torch.tensor([len(dm.source.train)])
     with pytest.raises(KeyError, match="not in the teacher cache"):
-        cache.lookup(dm.indices("val")[:1], "cpu")  # a val image is not in the pool
+        cache.lookup(outside, "cpu")
+
+
+def test_one_cache_serves_every_seed_of_a_sweep(tiny_teachers, tmp_path, monkeypatch):
+    def dm_module(seed, *extra):
+        over = ["experiment=tiny", f"seed={seed}", *extra]
+        return build_amalgamation(make_cfg("amalgamate", over, tiny_teachers, tmp_path / "run"))
+
+    (dm0, m0), (dm1, m1) = dm_module(0), dm_module(1)
+    assert not torch.equal(dm0.indices("train"), dm1.indices("train"))  # the val split moves
+    assert dm0.cache_key() == dm1.cache_key()
+    union = torch.cat([dm0.indices("train"), dm0.indices("val")]).sort().values
+    assert torch.equal(dm0.cache_ids(), union)  # synthetic: every class is in a task
+    root = tmp_path / "cache"
+    c0 = open_cache(dm0, m0, root)
+
+    def no_build(*a, **k):
+        raise AssertionError("seed 1 rebuilt the cache of seed 0")
+
+    monkeypatch.setattr(tc, "fill", no_build)
+    c1 = open_cache(dm1, m1, root)
+    ids = dm1.indices("train")[:16]
+    for a, b in zip(c0.lookup(ids, "cpu").logits, c1.lookup(ids, "cpu").logits, strict=True):
+        assert torch.equal(a, b)
+    # train_limit draws the pool from the seed: the cache is that pool's own
+    (dl0, _), (dl1, _) = dm_module(0, "data.train_limit=100"), dm_module(1, "data.train_limit=100")
+    assert torch.equal(dl0.cache_ids(), dl0.indices("train")) and len(dl0.cache_ids()) == 100
+    assert dl0.cache_key() != dl1.cache_key()
 
 
 def test_sharded_build_equals_single_build(setup, tmp_path):
     dm, module, root = setup
     one = open_cache(dm, module, root)
-    ids = dm.indices("train")
+    ids = dm.cache_ids()
     keys = {n: tc.teacher_key(module.teachers, n, dm.cache_key()) for n in module.teachers.names}
     dirs = {n: tmp_path / f"shard-{n}" for n in module.teachers.names}
     for d in dirs.values():
         d.mkdir()
-    tc.allocate(module.teachers, next(iter(dm.pool_dataloader()))["image"][:2], len(ids), dirs)
+    tc.allocate(module.teachers, next(iter(dm.cache_dataloader()))["image"][:2], len(ids), dirs)
     for rank in (1, 0):  # two "ranks" fill disjoint batches of the same arrays
-        tc.fill(module.teachers, dm.pool_dataloader(), ids, dirs, "cpu", rank=rank, world=2)
+        tc.fill(module.teachers, dm.cache_dataloader(), ids, dirs, "cpu", rank=rank, world=2)
     for n in module.teachers.names:
         tc.write_manifest(dirs[n], keys[n])
     two = tc.TeacherCache(dirs, ids)

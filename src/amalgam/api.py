@@ -186,8 +186,8 @@ def attach_cache(tc: Mapping[str, Any] | None, dm: Any, module: AmalgamModule) -
         tc["dir"],
         module.teachers,
         dm.cache_key(),
-        dm.indices("train"),
-        dm.pool_dataloader,
+        dm.cache_ids(),
+        dm.cache_dataloader,
         **views,
     )
 

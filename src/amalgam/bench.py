@@ -115,8 +115,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         cfg.teacher_cache.dir,
         module.teachers,
         dm.cache_key(),
-        dm.indices("train"),
-        dm.pool_dataloader,
+        dm.cache_ids(),
+        dm.cache_dataloader,
         device,
     )
     cache_build_s = time.perf_counter() - t0

@@ -516,9 +516,31 @@ class AmalgamDataModule(L.LightningDataModule):
         ds = UnlabeledImages(self._split("train"), self.indices("train"), self._format(False))
         return self._loader(ds, train=False)
 
+    def cache_ids(self) -> torch.Tensor:
+        """Image ids (of the source's train split) that a teacher-output cache covers.
+
+        Every image that any seed's pool can hold: the whole train split, or its images of the
+        tasks' classes with unlabeled=union. The val split is drawn per seed, so a cache of one
+        seed's pool would be rebuilt for every seed of a sweep; this one serves them all, for
+        the price of also covering the held-out val images once. With train_limit or cached
+        augmented views (both drawn from the seed) it is the pool itself.
+        """
+        self.prepare()
+        if self.train_limit is not None or self.cached_views:
+            return self.indices("train")
+        ids = torch.arange(len(self.source.train))
+        if self.unlabeled == "union":
+            ids = ids[self._union_of[self.source.train.targets] >= 0]
+        return ids
+
+    def cache_dataloader(self) -> DataLoader:
+        """The images of `cache_ids` in a fixed order, no augmentation (to fill the cache)."""
+        ds = UnlabeledImages(self._split("train"), self.cache_ids(), self._format(False))
+        return self._loader(ds, train=False)
+
     def cache_key(self) -> dict[str, Any]:
-        """What identifies the pool's images and their view, for teacher-output caches."""
-        ids = self.indices("train")
+        """What identifies the cached images (`cache_ids`) and their view, for teacher caches."""
+        ids = self.cache_ids()
         return {
             "source": self.source.name,
             "source_train_len": len(self.source.train),

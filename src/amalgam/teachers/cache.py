@@ -90,7 +90,9 @@ class TeacherCache:
         return np.load(path) if small else np.load(path, mmap_mode="r")
 
     def rows(self, index: torch.Tensor, view: torch.Tensor | None = None) -> np.ndarray:
-        r = self.row_of[index.cpu()]
+        index = index.cpu()
+        known = (index >= 0) & (index < len(self.row_of))
+        r = self.row_of[torch.where(known, index, 0)].masked_fill(~known, -1)
         if (r < 0).any():
             raise KeyError("an image id is not in the teacher cache: the pool changed; rebuild")
         if self.views > 1 and view is None:
