@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -255,6 +256,7 @@ def open_or_build(
     keys = {n: teacher_key(bank, n, data_key) for n in bank.names}
     dirs = {n: root / f"{n}-{bank.metas[n].sha256[:12]}-{digest(k)[:16]}" for n, k in keys.items()}
     todo = [n for n in bank.names if not verify(dirs[n], keys[n])]
+    t0 = time.perf_counter()
     if todo:
         tmp = {n: dirs[n].with_name(dirs[n].name + ".building") for n in todo}
         if rank == 0:
@@ -285,4 +287,14 @@ def open_or_build(
                 write_manifest(tmp[n], keys[n], views)
                 os.replace(tmp[n], dirs[n])
         barrier()
+        log.info(
+            "teacher cache: built %s over %d images x %d view(s) in %.1f s",
+            ", ".join(todo),
+            len(ids),
+            views,
+            time.perf_counter() - t0,
+        )
+    reused = [n for n in bank.names if n not in todo]
+    if reused:
+        log.info("teacher cache: reused %s (%d images) from %s", ", ".join(reused), len(ids), root)
     return TeacherCache(dirs, ids, views)
