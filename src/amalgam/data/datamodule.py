@@ -324,6 +324,7 @@ class AmalgamDataModule(L.LightningDataModule):
         self._space: LabelSpace | None = None
         self._union_of = torch.empty(0, dtype=torch.long)
         self._indices: dict[str, torch.Tensor] = {}
+        self._poolable = torch.empty(0, dtype=torch.long)  # ids any seed's pool may hold
         self.cached_views = 0  # K > 0: the student replays K fixed views (teacher cache)
         self._view_table: torch.Tensor | None = None
         if self._source is not None:
@@ -359,8 +360,9 @@ class AmalgamDataModule(L.LightningDataModule):
         g = torch.Generator().manual_seed(self.seed)
         train, val = stratified_split(source.train.targets, self.val_fraction, g)
         in_union = union_of[source.train.targets] >= 0
-        if self.unlabeled == "union":
-            train = train[in_union[train]]
+        # what a pool may hold, whatever the seed: the union's images, or every image
+        poolable = in_union if self.unlabeled == "union" else torch.ones_like(in_union)
+        train = train[poolable[train]]
         val = val[in_union[val]]
         test = torch.arange(len(source.test))
         test = test[union_of[source.test.targets[test]] >= 0]
@@ -371,6 +373,7 @@ class AmalgamDataModule(L.LightningDataModule):
         test = _subset(test, self.test_limit, g)
         self._check_train_counts(source, space, classes, train)
         self._space, self._union_of = space, union_of
+        self._poolable = poolable.nonzero().squeeze(1)
         self._indices = {"train": train, "val": val, "test": test}
 
     def _check_train_counts(
@@ -513,7 +516,10 @@ class AmalgamDataModule(L.LightningDataModule):
 
     def pool_dataloader(self) -> DataLoader:
         """The unlabeled pool in a fixed order, no augmentation (to precompute teacher outputs)."""
-        ds = UnlabeledImages(self._split("train"), self.indices("train"), self._format(False))
+        return self._fixed_order_loader(self.indices("train"))
+
+    def _fixed_order_loader(self, ids: torch.Tensor) -> DataLoader:
+        ds = UnlabeledImages(self._split("train"), ids, self._format(False))
         return self._loader(ds, train=False)
 
     def cache_ids(self) -> torch.Tensor:
@@ -528,15 +534,11 @@ class AmalgamDataModule(L.LightningDataModule):
         self.prepare()
         if self.train_limit is not None or self.cached_views:
             return self.indices("train")
-        ids = torch.arange(len(self.source.train))
-        if self.unlabeled == "union":
-            ids = ids[self._union_of[self.source.train.targets] >= 0]
-        return ids
+        return self._poolable
 
     def cache_dataloader(self) -> DataLoader:
         """The images of `cache_ids` in a fixed order, no augmentation (to fill the cache)."""
-        ds = UnlabeledImages(self._split("train"), self.cache_ids(), self._format(False))
-        return self._loader(ds, train=False)
+        return self._fixed_order_loader(self.cache_ids())
 
     def cache_key(self) -> dict[str, Any]:
         """What identifies the cached images (`cache_ids`) and their view, for teacher caches."""
