@@ -9,6 +9,8 @@ import torch
 
 from amalgam.amalgamate import amalgamate
 from amalgam.evaluate import evaluate_checkpoint
+from amalgam.provenance import provenance
+from amalgam.report.run import code_line
 from amalgam.teachers.io import meta_path, module_hash, read_weights
 from conftest import make_cfg
 
@@ -27,6 +29,8 @@ def test_teacher_export_metadata_and_accuracy(tiny_teachers):
         assert len(meta["mean"]) == 3 and len(meta["sha256"]) == 64
         assert meta["test_acc"] > 0.6, f"{name} test accuracy {meta['test_acc']} not above chance"
         assert read_weights(path)
+        # the code and packages that trained it (a later retrain that differs can be traced)
+        assert meta["extra"]["provenance"] == json.loads(json.dumps(provenance()))
 
 
 @pytest.mark.slow
@@ -53,6 +57,8 @@ def test_fast_dev_run_amalgamation_writes_full_results(tiny_teachers, tmp_path):
     }
     assert on_disk["throughput_img_s"]["student"] > 0
     assert (tmp_path / "run" / "results.md").read_text().count("|") > 20
+    assert on_disk["provenance"] == json.loads(json.dumps(provenance()))
+    assert f"Code: {code_line(provenance())}" in (tmp_path / "run" / "results.md").read_text()
     assert (tmp_path / "run" / "results.png").stat().st_size > 1000
     # the teachers' files and hashes are untouched, and the results record the hashes
     for n, sd in before.items():

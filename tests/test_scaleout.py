@@ -92,6 +92,8 @@ def test_multirun_2x2_aggregates_mean_and_std(tiny_teachers, tmp_path):
     md = (sweep / "report.md").read_text()
     assert "target rule, Concat)" in md
     assert "±" in md and "method=kd" in md and (sweep / "report.png").stat().st_size > 1000
+    commit = runs[0]["provenance"]["git_commit"] or "unknown"
+    assert f"Code: {commit[:12]} (4 jobs)" in md and "WARNING" not in md
     # the report CLI rebuilds the same table
     (sweep / "report.md").unlink()
     cli(tiny_teachers, str(sweep), module="amalgam.report")

@@ -40,6 +40,7 @@ from amalgam.launch import (
 )
 from amalgam.methods.base import Method
 from amalgam.module import AmalgamModule
+from amalgam.provenance import provenance
 from amalgam.reliability import AtomicCheckpointIO, CSVLogger
 from amalgam.tasks import ConfigError
 from amalgam.teachers.bank import TeacherBank, load_teacher_bank
@@ -604,6 +605,7 @@ class Amalgamation:
                     "train_seconds": round(time.time() - start, 1),
                     "checkpoint": str(ckpt),
                     "val": val_metrics(trainer.callback_metrics, module.space.names),
+                    "provenance": provenance(),
                 }
                 results = final_report(module, dm, self.output_dir, self._info, loggers)
             self.results = results

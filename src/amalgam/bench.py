@@ -8,7 +8,6 @@ peak memory. Phases are interleaved over rounds and the median round is reported
 
 from __future__ import annotations
 
-import platform
 import resource
 import statistics
 import time
@@ -28,6 +27,7 @@ from amalgam.launch import method_name
 from amalgam.losses import soft_cross_entropy
 from amalgam.module import AmalgamModule
 from amalgam.optim import build_optimizer
+from amalgam.provenance import cpu_name
 from amalgam.teachers.cache import open_or_build
 from amalgam.utils import CONF_DIR, quiet_known_warnings
 
@@ -56,15 +56,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU)"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU)"
 
 
 def bench(cfg: DictConfig) -> dict[str, Any]:

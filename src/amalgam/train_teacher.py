@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from amalgam.backbone import Backbone, create_timm
 from amalgam.build import build_datamodule, to_dict
 from amalgam.classifier import ClassifierModule
+from amalgam.provenance import provenance
 from amalgam.teachers.io import TeacherMeta, export_teacher
 from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
 from amalgam.validate import validate_teacher_training
@@ -61,6 +62,7 @@ def train_teacher(cfg: DictConfig) -> Path:
                 "epochs": int(trainer.current_epoch),
                 "seed": int(cfg.seed),
                 "train_seconds": round(time.time() - start, 1),
+                "provenance": provenance(),
             },
         )
         path = export_teacher(net.model, meta, Path(str(t.weights)).parent)

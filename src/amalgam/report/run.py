@@ -105,7 +105,23 @@ def markdown(results: dict[str, Any]) -> str:
             f"{s['student']:.0f}, teachers "
             + ", ".join(f"{k} {v:.0f}" for k, v in s["teachers"].items())
         ]
+    c = results.get("provenance")
+    if c:
+        lines += [f"Code: {code_line(c)}"]
     return "\n".join(lines) + "\n"
+
+
+def code_line(c: dict[str, Any]) -> str:
+    """'amalgam 0.1.0, commit 1a2b3c4d5e6f (uncommitted changes), torch 2.x, timm 1.x' from a
+    provenance dict."""
+    commit = c.get("git_commit")
+    where = f", commit {commit[:12]}" if commit else ", no git commit"
+    dirty = " (uncommitted changes)" if c.get("git_dirty") else ""
+    machine = c.get("gpu") or f"{c.get('cpu')}, {c.get('threads')} threads"
+    return (
+        f"amalgam {c.get('amalgam')}{where}{dirty}, torch {c.get('torch')}, "
+        f"timm {c.get('timm')}, lightning {c.get('lightning')}; {machine}"
+    )
 
 
 def rich_table(results: dict[str, Any]) -> Table:

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,27 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def markdown(rows: list[dict[str, Any]], sweep_dir: str | Path) -> str:
+def provenance_notes(results: list[dict[str, Any]]) -> list[str]:
+    """Which code and which teacher files made the jobs; a warning when they differ, since the
+    table's teacher row is the first job's and its means mix whatever the jobs ran on."""
+    commits = Counter((r.get("provenance") or {}).get("git_commit") or "unknown" for r in results)
+    dirty = sum(bool((r.get("provenance") or {}).get("git_dirty")) for r in results)
+    code = ", ".join(f"{c[:12]} ({n} jobs)" for c, n in commits.most_common())
+    lines = [f"Code: {code}" + (f"; {dirty} jobs with uncommitted changes" if dirty else "")]
+    teachers = Counter(json.dumps(r.get("teacher_hashes") or {}, sort_keys=True) for r in results)
+    if len(commits) > 1:
+        lines.append("WARNING: the jobs ran on different commits.")
+    if len(teachers) > 1:
+        lines.append(
+            f"WARNING: the jobs used {len(teachers)} different sets of teacher files "
+            "(teacher_hashes in results.json): the teacher row is the first job's."
+        )
+    return lines
+
+
+def markdown(
+    rows: list[dict[str, Any]], sweep_dir: str | Path, results: list[dict[str, Any]] = ()
+) -> str:
     header, body = table_rows(rows)
     rules = ", ".join(sorted({t for r in rows for t in r["targets"]}))
     lines = [
@@ -106,6 +126,8 @@ def markdown(rows: list[dict[str, Any]], sweep_dir: str | Path) -> str:
         "",
         *md_table(header, body),
     ]
+    if results:
+        lines += ["", *provenance_notes(list(results))]
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +193,7 @@ def write_sweep_report(sweep_dir: str | Path, show: bool = False) -> dict[str, P
         "png": sweep_dir / "report.png",
     }
     atomic_write(paths["csv"], to_csv(rows))
-    atomic_write(paths["md"], markdown(rows, sweep_dir))
+    atomic_write(paths["md"], markdown(rows, sweep_dir, results))
     with atomic_path(paths["png"]) as tmp:
         plot(rows, tmp)
     if show:

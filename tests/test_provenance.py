@@ -1,0 +1,113 @@
+"""Provenance: the code, packages and machine recorded with every result and teacher file."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import amalgam
+from amalgam.provenance import PACKAGE_DIR, code_version, provenance
+from amalgam.report.run import code_line
+from amalgam.report.sweep import provenance_notes
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def git(cwd: Path, *args: str) -> str:
+    env_args = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    out = subprocess.run(["git", *env_args, *args], cwd=cwd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A git repository laid out like amalgam's: src/amalgam/ with a tracked file, committed."""
+    pkg = tmp_path / "src" / "amalgam"
+    pkg.mkdir(parents=True)
+    (pkg / "core.py").write_text("x = 1\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    code_version.cache_clear()
+    yield tmp_path, pkg.resolve()
+    code_version.cache_clear()
+
+
+@needs_git
+def test_commit_and_uncommitted_changes_of_a_checkout(repo):
+    root, pkg = repo
+    head = git(root, "rev-parse", "HEAD")
+    got = code_version(pkg)
+    assert got == {"amalgam": amalgam.__version__, "git_commit": head, "git_dirty": False}
+    (pkg / "notes.txt").write_text("untracked files are not the code\n")
+    code_version.cache_clear()
+    assert code_version(pkg)["git_dirty"] is False
+    (pkg / "core.py").write_text("x = 2\n")  # a tracked file changed: the result is not HEAD's
+    code_version.cache_clear()
+    assert code_version(pkg) == {**got, "git_dirty": True}
+    git(root, "commit", "-q", "-am", "second")
+    code_version.cache_clear()
+    again = code_version(pkg)
+    assert again["git_commit"] != head and len(again["git_commit"]) == 40
+    assert again["git_dirty"] is False
+
+
+@needs_git
+def test_a_repository_that_is_not_amalgams_gives_no_commit(tmp_path):
+    """amalgam installed into a venv inside some other repository reports no commit of it."""
+    (tmp_path / "lib" / "amalgam").mkdir(parents=True)
+    (tmp_path / "lib" / "amalgam" / "core.py").write_text("x = 1\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    code_version.cache_clear()
+    try:
+        got = code_version((tmp_path / "lib" / "amalgam").resolve())
+    finally:
+        code_version.cache_clear()
+    assert got["git_commit"] is None and got["git_dirty"] is None
+
+
+def test_outside_any_repository_gives_no_commit(tmp_path):
+    code_version.cache_clear()
+    try:
+        assert code_version(tmp_path.resolve())["git_commit"] is None
+    finally:
+        code_version.cache_clear()
+
+
+def test_provenance_names_the_packages_and_machine():
+    p = provenance()
+    assert p["torch"] == torch.__version__ and p["amalgam"] == amalgam.__version__
+    assert p["threads"] == torch.get_num_threads() and p["cpu"]
+    assert all(p[k] for k in ("lightning", "timm", "hydra-core", "numpy", "python"))
+    line = code_line(p)
+    assert f"amalgam {amalgam.__version__}" in line and f"torch {torch.__version__}" in line
+    if p["git_commit"]:  # this checkout's own commit
+        assert git(PACKAGE_DIR, "rev-parse", "HEAD") == p["git_commit"]
+        assert f"commit {p['git_commit'][:12]}" in line
+    dirty = code_line({**p, "git_commit": "ab" * 20, "git_dirty": True})
+    assert "commit abababababab (uncommitted changes)" in dirty
+    assert "no git commit" in code_line({**p, "git_commit": None})
+
+
+def test_sweep_report_warns_when_jobs_mix_commits_or_teacher_files():
+    def job(commit, dirty, hashes):
+        return {
+            "provenance": {"git_commit": commit, "git_dirty": dirty},
+            "teacher_hashes": hashes,
+        }
+
+    a, b = "a" * 40, "b" * 40
+    same = [job(a, False, {"t": "1"}), job(a, False, {"t": "1"})]
+    assert provenance_notes(same) == [f"Code: {a[:12]} (2 jobs)"]
+    mixed = [job(a, False, {"t": "1"}), job(b, True, {"t": "2"}), job(a, False, {"t": "1"})]
+    notes = provenance_notes(mixed)
+    code = f"Code: {a[:12]} (2 jobs), {b[:12]} (1 jobs)"
+    assert notes[0] == f"{code}; 1 jobs with uncommitted changes"
+    assert "different commits" in notes[1] and "2 different sets of teacher files" in notes[2]
+    # results written before provenance was recorded
+    assert provenance_notes([{"teacher_hashes": {"t": "1"}}]) == ["Code: unknown (1 jobs)"]
