@@ -31,9 +31,7 @@ def repo(tmp_path):
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", ".")
     git(tmp_path, "commit", "-q", "-m", "first")
-    code_version.cache_clear()
-    yield tmp_path, pkg.resolve()
-    code_version.cache_clear()
+    return tmp_path, pkg.resolve()
 
 
 @needs_git
@@ -43,13 +41,10 @@ def test_commit_and_uncommitted_changes_of_a_checkout(repo):
     got = code_version(pkg)
     assert got == {"amalgam": amalgam.__version__, "git_commit": head, "git_dirty": False}
     (pkg / "notes.txt").write_text("untracked files are not the code\n")
-    code_version.cache_clear()
     assert code_version(pkg)["git_dirty"] is False
     (pkg / "core.py").write_text("x = 2\n")  # a tracked file changed: the result is not HEAD's
-    code_version.cache_clear()
     assert code_version(pkg) == {**got, "git_dirty": True}
     git(root, "commit", "-q", "-am", "second")
-    code_version.cache_clear()
     again = code_version(pkg)
     assert again["git_commit"] != head and len(again["git_commit"]) == 40
     assert again["git_dirty"] is False
@@ -63,20 +58,12 @@ def test_a_repository_that_is_not_amalgams_gives_no_commit(tmp_path):
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", ".")
     git(tmp_path, "commit", "-q", "-m", "first")
-    code_version.cache_clear()
-    try:
-        got = code_version((tmp_path / "lib" / "amalgam").resolve())
-    finally:
-        code_version.cache_clear()
+    got = code_version((tmp_path / "lib" / "amalgam").resolve())
     assert got["git_commit"] is None and got["git_dirty"] is None
 
 
 def test_outside_any_repository_gives_no_commit(tmp_path):
-    code_version.cache_clear()
-    try:
-        assert code_version(tmp_path.resolve())["git_commit"] is None
-    finally:
-        code_version.cache_clear()
+    assert code_version(tmp_path.resolve())["git_commit"] is None
 
 
 def test_provenance_names_the_packages_and_machine():

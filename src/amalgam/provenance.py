@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import platform
 import subprocess
-from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,10 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-@cache
 def code_version(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
     """amalgam's version and, for a git checkout of amalgam, the commit and whether tracked files
     differ from it (`git_dirty`). Both git fields are None for an installed wheel or without git.
+    Read anew on every call: a long-lived process (a notebook) may commit or edit between runs.
     """
     from amalgam import __version__
 

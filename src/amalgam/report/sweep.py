@@ -97,8 +97,9 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 def provenance_notes(results: list[dict[str, Any]]) -> list[str]:
     """Which code and which teacher files made the jobs; a warning when they differ, since the
     table's teacher row is the first job's and its means mix whatever the jobs ran on."""
-    commits = Counter((r.get("provenance") or {}).get("git_commit") or "unknown" for r in results)
-    dirty = sum(bool((r.get("provenance") or {}).get("git_dirty")) for r in results)
+    provs = [r.get("provenance") or {} for r in results]
+    commits = Counter(p.get("git_commit") or "unknown" for p in provs)
+    dirty = sum(bool(p.get("git_dirty")) for p in provs)
     code = ", ".join(f"{c[:12]} ({n} jobs)" for c, n in commits.most_common())
     lines = [f"Code: {code}" + (f"; {dirty} jobs with uncommitted changes" if dirty else "")]
     teachers = Counter(json.dumps(r.get("teacher_hashes") or {}, sort_keys=True) for r in results)

@@ -256,8 +256,8 @@ def open_or_build(
     keys = {n: teacher_key(bank, n, data_key) for n in bank.names}
     dirs = {n: root / f"{n}-{bank.metas[n].sha256[:12]}-{digest(k)[:16]}" for n, k in keys.items()}
     todo = [n for n in bank.names if not verify(dirs[n], keys[n])]
-    t0 = time.perf_counter()
     if todo:
+        t0 = time.perf_counter()
         tmp = {n: dirs[n].with_name(dirs[n].name + ".building") for n in todo}
         if rank == 0:
             for n in todo:
