@@ -360,10 +360,16 @@ def resume_and_compare(root: Path, d: Path, full: dict) -> dict:
 
 
 def signal_at_step_2(
-    root: Path, run_args: list[str], d: Path, sig: signal.Signals, deadline_s: float
+    root: Path,
+    run_args: list[str],
+    d: Path,
+    sig: signal.Signals,
+    deadline_s: float,
+    group: bool = False,
 ) -> tuple[int, str]:
-    """Start a run in `d` that marks (and slows) step 2, send `sig` to its main process once the
-    mark exists, and return its exit status and log."""
+    """Start a run in `d` that marks (and slows) step 2, send `sig` to its main process (with
+    `group`: to every process of the run, as SLURM does) once the mark exists, and return its
+    exit status and log."""
     marker = d.with_name(d.name + "_training")
     args = [
         "+callbacks.mark._target_=signals.MarkAndSlow",
@@ -378,7 +384,10 @@ def signal_at_step_2(
             assert p.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "training never reached step 2"
             time.sleep(0.05)
-        os.kill(p.pid, sig)
+        if group:
+            os.killpg(p.pid, sig)
+        else:
+            os.kill(p.pid, sig)
         rc = p.wait(timeout=300)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -424,6 +433,67 @@ def test_sigusr1_from_outside_saves_and_resumes(tiny_teachers, tmp_path, uninter
     assert 2 < step < 12
     assert not (d / "results.json").exists()
     resume_and_compare(tiny_teachers, d, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(
+    tiny_teachers, tmp_path
+):
+    """SLURM's preemption and scancel signal every process of the run. A torch DataLoader
+    worker dies on a SIGTERM that its parent did not send, and the main process then raised
+    "DataLoader worker ... is killed by signal" mid-step: exit 1 and no last.ckpt. The workers
+    now leave the signal to the main process, which saves and stops as for a SIGTERM of its own;
+    no worker outlives the run."""
+    d = tmp_path / "run"
+    workers = [*RUN, "data.num_workers=2", "data.persistent_workers=true"]
+    rc, text = signal_at_step_2(tiny_teachers, workers, d, signal.SIGTERM, 300, group=True)
+    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    assert "is killed by signal" not in text and "SIGTERM: saved" in text
+    step = torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 < step < 12
+    assert not (d / "results.json").exists()
+    left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={d}"], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout  # the workers exited with the run
+
+
+def test_worker_init_takes_preemption_signals_only_from_the_parent(tmp_path):
+    """A process running WorkerInit survives SIGTERM / SIGUSR1 from a stranger, and exits 0 on a
+    SIGTERM from its parent (the DataLoader's shutdown), as torch's own worker handler does."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from amalgam.reliability import WorkerInit\n"
+        "def child():\n"
+        "    WorkerInit()(0)\n"
+        "    open(sys.argv[1], 'w').close()\n"
+        "    time.sleep(60)\n"
+        "    os._exit(3)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    child()\n"
+        "while not os.path.exists(sys.argv[1]):\n"
+        "    time.sleep(0.01)\n"
+        "print(pid, flush=True)\n"
+        "sys.stdin.readline()  # the test has signalled the child as a stranger\n"
+        "time.sleep(0.5)\n"
+        "alive = os.waitpid(pid, os.WNOHANG) == (0, 0)\n"
+        "os.kill(pid, signal.SIGTERM)  # now from the parent\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(alive, os.waitstatus_to_exitcode(status), flush=True)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "ready")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child = int(p.stdout.readline())
+        os.kill(child, signal.SIGTERM)
+        os.kill(child, signal.SIGUSR1)
+        out, _ = p.communicate("go\n", timeout=30)
+    finally:
+        p.kill()
+    assert out.split() == ["True", "0"]
 
 
 @pytest.mark.slow

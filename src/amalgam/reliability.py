@@ -295,6 +295,49 @@ def _slurm_requeue(trainer: Trainer) -> bool:
     return isinstance(env, SLURMEnvironment) and bool(env.auto_requeue)
 
 
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+class WorkerInit:
+    """`worker_init_fn` of amalgam's DataLoaders: workers leave the preemption signals to the
+    main process.
+
+    SLURM's preemption and `scancel`, and `kill -- -<pgid>`, signal every process of the run,
+    DataLoader workers included. A torch worker dies on a SIGTERM that its parent did not send,
+    and the main process then raises "DataLoader worker ... is killed by signal" in the middle of
+    a step: the run crashes before `Preemption` can save `last.ckpt` (and a Hydra multirun goes
+    on with its next job). So each worker blocks SIGTERM / SIGUSR1 / SIGUSR2 and a daemon thread
+    takes them with `sigwaitinfo`: sent by the worker's parent (DataLoader shutdown,
+    multiprocessing's exit terminating daemonic workers), the worker exits as torch's own handler
+    makes it; sent by anyone else, it is dropped, and the main process, which got the same
+    signal, saves and stops. A worker whose parent dies exits through torch's watchdog.
+
+    With `seed_everything(workers=True)` it also seeds the worker as Lightning's
+    `pl_worker_init_function` (which Lightning adds only to loaders without a worker_init_fn).
+    """
+
+    def __init__(self, rank: int | None = None) -> None:
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        wanted = {getattr(signal, n) for n in PREEMPTION_SIGNALS if hasattr(signal, n)}
+        if wanted and hasattr(signal, "sigwaitinfo"):
+            parent = os.getppid()
+            signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+
+            def wait() -> None:
+                while True:
+                    info = signal.sigwaitinfo(wanted)
+                    if info.si_pid == parent:
+                        os._exit(0)
+
+            threading.Thread(target=wait, name="amalgam-worker-signals", daemon=True).start()
+        if int(os.environ.get("PL_SEED_WORKERS", 0)):
+            from lightning.fabric.utilities.seed import pl_worker_init_function
+
+            pl_worker_init_function(worker_id, rank=self.rank)
+
+
 class Preemption(Callback):
     """On SIGTERM / SIGUSR1 / SIGUSR2 save `<dirpath>/last.ckpt` at the next batch end and stop.
 
@@ -430,7 +473,7 @@ class Preemption(Callback):
                 path,
                 trainer.global_step,
             )
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, for the resume
         if trainer.is_global_zero:
             log.warning(
                 "%s: saved %s at global step %d; stopping. Resume with ckpt_path=last (or "

@@ -12,9 +12,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from amalgam.data.sources import Source, Split, load_image
+from amalgam.reliability import WorkerInit
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
 
 SplitName = Literal["train", "val", "test"]
@@ -460,6 +462,8 @@ class AmalgamDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
+            # workers leave preemption signals to the main process (which saves last.ckpt)
+            worker_init_fn=WorkerInit(rank_zero_only.rank) if self.num_workers > 0 else None,
         )
 
     def _labeled(self, split: SplitName, labels_of: torch.Tensor) -> LabeledImages:
