@@ -361,7 +361,7 @@ class Preemption(Callback):
         self,
         dirpath: PathLike | None = None,
         filename: str = "last.ckpt",
-        signals: Sequence[str | int] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
+        signals: Sequence[str | int] = PREEMPTION_SIGNALS,
         every_n_steps: int = 1,
         exit_code: int | None = None,
     ) -> None:
