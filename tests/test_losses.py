@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amalgam.losses import REFERENCE_SIGMAS, mmd, reconstruction_loss, soft_target_loss
+from amalgam.losses import EXP_FLOOR, REFERENCE_SIGMAS, mmd, reconstruction_loss, soft_target_loss
 
 
 def brute_mmd(x, y, sigmas):
@@ -50,6 +50,33 @@ def test_mmd_small_bandwidths_exact_on_near_duplicates():
     want = brute_mmd(x, y, REFERENCE_SIGMAS)
     assert want > 0.1  # the small-bandwidth kernels do see the difference
     assert float(mmd(x, y, REFERENCE_SIGMAS)) == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
+def test_mmd_exp_floor_changes_neither_value_nor_gradient():
+    """The clamp of exp's argument (EXP_FLOOR, for speed) against the unclamped formula in float64,
+    on a training-sized batch where most pairs underflow at sigma = 0.001."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 128, 1, 1, generator=g, requires_grad=True)
+    y = (torch.randn(128, 128, 1, 1, generator=g) * 0.5 + 0.2).requires_grad_(True)
+    got = mmd(x, y, REFERENCE_SIGMAS)
+    gx, gy = torch.autograd.grad(got, (x, y))
+
+    def unclamped(a, b):
+        a = F.normalize(a.flatten(1).double(), dim=1)
+        b = F.normalize(b.flatten(1).double(), dim=1)
+        z = torch.cat([a, b])
+        d2 = torch.cdist(z, z).square()
+        gam = torch.tensor([1 / (2 * s * s) for s in REFERENCE_SIGMAS], dtype=torch.float64)
+        assert (d2[None] * gam[:, None, None] > -EXP_FLOOR).float().mean() > 0.5
+        k = torch.exp(-d2[None] * gam[:, None, None]).sum(0)
+        n = len(a)
+        return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+
+    want = unclamped(x, y)
+    wx, wy = torch.autograd.grad(want, (x, y))
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    torch.testing.assert_close(gx, wx, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(gy, wy, rtol=1e-4, atol=1e-9)
 
 
 def test_mmd_zero_for_identical_batches_and_positive_otherwise():
