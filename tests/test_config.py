@@ -199,3 +199,14 @@ def test_head_size_differs_from_class_list(tiny_teachers, tmp_path):
     )
     with pytest.raises(ConfigError, match="head 'fc' has 3 outputs but the class list has 4"):
         build_amalgamation(cfg)
+
+
+def test_dir_name_is_one_safe_directory_name():
+    from amalgam.utils import dir_name
+
+    assert dir_name("method=kd,seed=1") == "method=kd,seed=1"
+    assert dir_name("paths.teachers_dir=/x/y,method=cfl") == "paths.teachers_dir=_x_y,method=cfl"
+    long = ",".join(f"method.weights.w{i}={i}.5" for i in range(40))
+    a, b = dir_name(long), dir_name(long.replace("39=39", "39=38"))
+    assert len(a) == 120 and a != b and a.startswith("method.weights.w0=0.5")
+    assert dir_name("") == ""

@@ -110,8 +110,12 @@ def test_submitit_local_runs_a_job(tiny_teachers, tmp_path):
         "method=kd",
         "hydra/launcher=submitit_local",
         f"hydra.sweep.dir={sweep}",
+        f"teacher_cache.dir={tmp_path / 'unused' / 'cache'}",  # a path value in the job's name
     )
+    # one directory per job (the path's separators do not nest directories), named in the job
     assert len(list(sweep.glob("*/results.json"))) == 1
+    (job,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert job.name.startswith("0_") and "unused_cache" in job.name
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))
     assert (sweep / "report.md").is_file()
 

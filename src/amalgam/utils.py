@@ -37,7 +37,24 @@ def imagenet_classes() -> Any:
     return OmegaConf.create(list(ImageNetInfo().label_names()))  # a resolver returns a node
 
 
+def dir_name(name: str, limit: int = 120) -> str:
+    """`${dir_name:...}`: a string made safe as ONE directory name (a sweep job's subdir).
+
+    Hydra names a job's dir after its overrides; a path value (`paths.teachers_dir=/x/y`) would
+    nest directories and a long override list exceed the file system's 255-byte names. Path
+    separators become '_', and a name over `limit` characters keeps its head and a hash of all.
+    """
+    import hashlib
+
+    safe = str(name).replace("/", "_").replace("\\", "_")
+    if len(safe) > limit:
+        digest = hashlib.sha1(safe.encode()).hexdigest()[:10]
+        safe = f"{safe[: limit - 11]}-{digest}"
+    return safe
+
+
 OmegaConf.register_new_resolver("pkg_file", package_file, replace=True)
+OmegaConf.register_new_resolver("dir_name", dir_name, replace=True)
 OmegaConf.register_new_resolver("imagenet_classes", imagenet_classes, replace=True)
 
 
