@@ -269,7 +269,7 @@ def test_bench_prints_and_writes_all_figures(tiny_teachers, tmp_path):
             "amalgam.bench",
             "experiment=tiny",
             "bench.steps=2",
-            "bench.rounds=1",
+            "bench.rounds=2",
             f"bench.write={out}",
             f"paths.root_dir={tiny_teachers}",
             f"teacher_cache.dir={tmp_path / 'cache'}",
@@ -291,3 +291,10 @@ def test_bench_prints_and_writes_all_figures(tiny_teachers, tmp_path):
         "peak memory",
     ):
         assert row in md
+    # each timed phase: its median round lies inside the slowest-fastest range of its rounds
+    phases = [ln for ln in md.splitlines() if ln.startswith("| (")]
+    assert len(phases) == 4
+    for ln in phases:
+        median, spread = [c.strip() for c in ln.strip("|").split("|")][1:3]
+        lo, hi = (float(v) for v in spread.split("-"))
+        assert 0 < lo <= float(median) <= hi

@@ -127,6 +127,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             times[k].append(timed(fn, steps, device))
     sec = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: n / v for k, v in sec.items()}
+    spread = {k: (n / max(v), n / min(v)) for k, v in times.items()}  # slowest, fastest round
     bound = n / (sec["teachers"] + sec["student"])
     return {
         "machine": machine(device),
@@ -142,6 +143,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "steps": steps,
         "rounds": rounds,
         "img_per_s": ips,
+        "img_per_s_range": spread,
         "bound_img_per_s": bound,
         "teachers_share_of_bound": sec["teachers"] / (sec["teachers"] + sec["student"]),
         "ratio_full_over_bound": ips["full"] / bound,
@@ -152,7 +154,12 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any], command: str) -> str:
-    ips = r["img_per_s"]
+    ips, rng = r["img_per_s"], r["img_per_s_range"]
+
+    def row(label: str, k: str) -> str:
+        lo, hi = rng[k]
+        return f"| {label} | {ips[k]:.0f} | {lo:.0f}-{hi:.0f} |"
+
     return "\n".join(
         [
             f"## {r['method']} step, {r['student']} student, teachers "
@@ -163,13 +170,13 @@ def markdown(r: dict[str, Any], command: str) -> str:
             f"{r['optimizer']}; median of {r['rounds']} interleaved rounds of "
             f"{r['steps']} steps each. Command: `{command}`",
             "",
-            "| phase | images/s |",
-            "|---|---|",
-            f"| (a) teachers' forward | {ips['teachers']:.0f} |",
-            f"| (b) student train step alone | {ips['student']:.0f} |",
-            f"| bound: (a) and (b) back to back | {r['bound_img_per_s']:.0f} |",
-            f"| (c) full amalgamation step, no cache | {ips['full']:.0f} |",
-            f"| (d) full amalgamation step, teacher cache | {ips['cached']:.0f} |",
+            "| phase | images/s (median round) | slowest-fastest round |",
+            "|---|---|---|",
+            row("(a) teachers' forward", "teachers"),
+            row("(b) student train step alone", "student"),
+            f"| bound: (a) and (b) back to back | {r['bound_img_per_s']:.0f} | |",
+            row("(c) full amalgamation step, no cache", "full"),
+            row("(d) full amalgamation step, teacher cache", "cached"),
             "",
             f"- c / bound = **{r['ratio_full_over_bound']:.3f}**; d / c = "
             f"**{r['ratio_cached_over_full']:.2f}x**; teachers' forward = "
@@ -190,9 +197,11 @@ def main(cfg: DictConfig) -> None:
     table = Table(title=f"amalgam bench: {r['machine']}")
     table.add_column("phase")
     table.add_column("img/s", justify="right")
+    table.add_column("slowest-fastest round", justify="right")
     for k, v in r["img_per_s"].items():
-        table.add_row(k, f"{v:.0f}")
-    table.add_row("bound (teachers + student)", f"{r['bound_img_per_s']:.0f}")
+        lo, hi = r["img_per_s_range"][k]
+        table.add_row(k, f"{v:.0f}", f"{lo:.0f}-{hi:.0f}")
+    table.add_row("bound (teachers + student)", f"{r['bound_img_per_s']:.0f}", "")
     Console().print(table)
     Console().print(
         f"full / bound = {r['ratio_full_over_bound']:.3f}, "
