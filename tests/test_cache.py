@@ -256,6 +256,20 @@ def test_cached_training_runs_without_teacher_forward_in_steps(
     assert calls["n"] == 2 * pool_batches + 1 + test_batches
 
 
+def test_bench_autocast_matches_the_trainer_precision():
+    from amalgam.bench import autocast
+
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    cpu = torch.device("cpu")
+    with autocast("bf16-mixed", cpu):
+        assert (a @ b).dtype == torch.bfloat16
+        # the float64 Gram matrix of the MMD is not cast
+        assert (a.double() @ b.double()).dtype == torch.float64
+    for p in ("32-true", 32, "64-true"):
+        with autocast(p, cpu):
+            assert (a @ b).dtype == torch.float32
+
+
 @pytest.mark.slow
 def test_bench_prints_and_writes_all_figures(tiny_teachers, tmp_path):
     import subprocess
@@ -270,6 +284,8 @@ def test_bench_prints_and_writes_all_figures(tiny_teachers, tmp_path):
             "experiment=tiny",
             "bench.steps=2",
             "bench.rounds=2",
+            "trainer.precision=bf16-mixed",
+            "student.channels_last=true",
             f"bench.write={out}",
             f"paths.root_dir={tiny_teachers}",
             f"teacher_cache.dir={tmp_path / 'cache'}",
@@ -289,6 +305,7 @@ def test_bench_prints_and_writes_all_figures(tiny_teachers, tmp_path):
         "(d) full",
         "c / bound",
         "peak memory",
+        "precision bf16-mixed; student channels_last True",
     ):
         assert row in md
     # each timed phase: its median round lies inside the slowest-fastest range of its rounds

@@ -120,3 +120,39 @@ def test_soft_target_loss_float32_under_bf16_inputs():
 def test_reconstruction_is_mse():
     a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     assert float(reconstruction_loss(a, b)) == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-6)
+
+
+def test_losses_are_float32_exact_inside_a_bf16_autocast_region():
+    # Lightning's bf16-mixed (the CPU preset) runs the method's losses inside autocast: the MMD's
+    # float64 Gram matrix and the float32 kernel sum must not drop to bfloat16 there
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 64), torch.randn(32, 64)
+    logits, target = torch.randn(32, 10), torch.randn(32, 10)
+    plain = (mmd(x, y), soft_target_loss(logits, target, 4.0), reconstruction_loss(x, y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = (mmd(x, y), soft_target_loss(logits, target, 4.0), reconstruction_loss(x, y))
+    for a, b in zip(plain, mixed, strict=True):
+        assert b.dtype == torch.float32
+        assert torch.equal(a, b)
+
+
+def test_mmd_to_each_equals_separate_pairs_in_value_and_gradient():
+    from amalgam.losses import mmd_to_each
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 8, 1, 1, generator=g, requires_grad=True)
+    ys = [torch.randn(16, 8, 1, 1, generator=g, requires_grad=True) for _ in range(3)]
+    fused = mmd_to_each(x, ys, REFERENCE_SIGMAS)
+    assert len(fused) == 3
+    for y, d in zip(ys, fused, strict=True):
+        assert float(d) == pytest.approx(
+            brute_mmd(x.detach(), y.detach(), REFERENCE_SIGMAS), rel=1e-4, abs=1e-6
+        )
+    gf = torch.autograd.grad(sum(w * d for w, d in zip((1.0, 2.0, 0.5), fused)), [x, *ys])
+    # the same weighted sum from three separate pairs
+    gs = torch.autograd.grad(
+        sum(w * mmd(x, y, REFERENCE_SIGMAS) for w, y in zip((1.0, 2.0, 0.5), ys)), [x, *ys]
+    )
+    for a, b in zip(gf, gs, strict=True):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -8,6 +8,7 @@ peak memory. Phases are interleaved over rounds and the median round is reported
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
 import time
@@ -45,6 +46,16 @@ def timed(fn: Callable[[int], Any], steps: int, device: torch.device) -> float:
         fn(i)
     sync(device)
     return (time.perf_counter() - t0) / steps
+
+
+def autocast(precision: Any, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast region Lightning puts around a training step's forward at `precision`."""
+    p = str(precision)
+    if p in ("bf16-mixed", "bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if p in ("16-mixed", "16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -85,19 +96,24 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         outs = [module.teachers(x, features=t_feats) for x in xs]
         targets = [rule(o.logits, 1.0, o.features) for o in outs]
 
+    precision = cfg.trainer.get("precision", "32-true")
+
     def teachers(i: int) -> None:
-        module.teachers(xs[i], features=module.method.needs_teacher_features)
+        with autocast(precision, device):
+            module.teachers(xs[i], features=module.method.needs_teacher_features)
 
     def student(i: int) -> None:
-        out = module.student(xs[i], features=module.method.needs_features)
-        loss = soft_cross_entropy(out.logits, targets[i])
+        with autocast(precision, device):
+            out = module.student(xs[i], features=module.method.needs_features)
+            loss = soft_cross_entropy(out.logits, targets[i])
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
         s_opt.step()
 
     def full(i: int, cached: bool = False) -> None:
-        terms = module.losses(xs[i], index=ids[i] if cached else None)
-        loss = torch.stack(list(terms.values())).sum()
+        with autocast(precision, device):
+            terms = module.losses(xs[i], index=ids[i] if cached else None)
+            loss = torch.stack(list(terms.values())).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -139,6 +155,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "student": str(cfg.student.arch),
         "teachers": {k: m.arch for k, m in module.teachers.metas.items()},
         "teacher_dtype": str(module.teachers.dtype).replace("torch.", ""),
+        "precision": str(precision),
+        "channels_last": bool(cfg.student.get("channels_last", False)),
         "optimizer": type(opt).__name__ + (" (fused)" if opt.defaults.get("fused") else ""),
         "steps": steps,
         "rounds": rounds,
@@ -166,8 +184,9 @@ def markdown(r: dict[str, Any], command: str) -> str:
             + ", ".join(f"{k} ({v})" for k, v in r["teachers"].items()),
             "",
             f"Machine: {r['machine']}. Batch {r['batch']}, {r['image_size']} px, "
-            f"{r['channels']} channel(s); teachers in {r['teacher_dtype']}; optimiser "
-            f"{r['optimizer']}; median of {r['rounds']} interleaved rounds of "
+            f"{r['channels']} channel(s); precision {r.get('precision', '32-true')}; student "
+            f"channels_last {r.get('channels_last', False)}; teachers in {r['teacher_dtype']}; "
+            f"optimiser {r['optimizer']}; median of {r['rounds']} interleaved rounds of "
             f"{r['steps']} steps each. Command: `{command}`",
             "",
             "| phase | images/s (median round) | slowest-fastest round |",

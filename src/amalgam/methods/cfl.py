@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amalgam.backbone import ModelOutput
-from amalgam.losses import REFERENCE_SIGMAS, mmd, reconstruction_loss, soft_cross_entropy
+from amalgam.losses import REFERENCE_SIGMAS, mmd_to_each, reconstruction_loss, soft_cross_entropy
 from amalgam.methods.base import Method, Shape
 from amalgam.targets import TargetRule
 from amalgam.tasks import ConfigError, LabelSpace
@@ -204,9 +204,10 @@ class CFL(Method):
             hs, hts, recs, targets = block(student.features[lvl], fts)
             tw = self.teacher_weights
             if self.active("mmd"):
-                for w_i, ht in zip(tw, hts, strict=True):
-                    if w_i:
-                        mmd_sum = mmd_sum + w_i * mmd(hs, ht, self.sigmas)
+                pairs = [(w_i, ht) for w_i, ht in zip(tw, hts, strict=True) if w_i]
+                dists = mmd_to_each(hs, [ht for _, ht in pairs], self.sigmas)
+                for (w_i, _), d in zip(pairs, dists, strict=True):
+                    mmd_sum = mmd_sum + w_i * d
             for w_i, rec, tgt in zip(tw, recs, targets, strict=False):
                 if w_i:
                     rec_sum = rec_sum + w_i * reconstruction_loss(rec, tgt)
