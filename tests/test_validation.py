@@ -527,3 +527,20 @@ def test_code_in_ckpt_path_never_runs(root, tmp_path):
     ):
         resume_checkpoint(tiny(root, f"ckpt_path={p}"))
     assert not marker.exists()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(monkeypatch, caplog):
+    import logging
+
+    import amalgam.validate as v
+
+    caplog.set_level(logging.WARNING, logger="amalgam")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(v, "cpu_has_native_bf16", lambda: False)
+    v.check_precision({"precision": "bf16-mixed", "accelerator": "auto"})
+    assert "trainer.precision=32-true" in caplog.text
+    caplog.clear()
+    v.check_precision({"precision": "32-true", "accelerator": "cpu"})
+    monkeypatch.setattr(v, "cpu_has_native_bf16", lambda: True)
+    v.check_precision({"precision": "bf16-mixed", "accelerator": "cpu"})
+    assert caplog.text == ""

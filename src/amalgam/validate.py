@@ -631,6 +631,28 @@ def check_run_dirs(cfg: DictConfig) -> None:
         check_writable_dir(str(tc.dir), "teacher_cache.dir")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 kernels natively here (avx512_bf16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(trainer: Mapping[str, Any] | None) -> None:
+    """Warn when bf16 autocast would run on a CPU that emulates bfloat16 (slower than 32-true)."""
+    trainer = trainer or {}
+    precision = str(trainer.get("precision", "32-true"))
+    accel = str(trainer.get("accelerator", "auto"))
+    on_cpu = accel == "cpu" or (accel == "auto" and not torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
+        log.warning(
+            "trainer.precision=%s on a CPU without native bfloat16 (no avx512_bf16/AMX): "
+            "autocast emulates it and runs slower than float32; set trainer.precision=32-true",
+            precision,
+        )
+
+
 def validate_amalgamation(cfg: DictConfig) -> None:
     """Every cheap check of an amalgamation config; raises ConfigError on the first failure."""
     method = to_dict(cfg.method)
@@ -641,6 +663,7 @@ def validate_amalgamation(cfg: DictConfig) -> None:
     method_cls = check_method(method)
     check_data_keys(data)
     check_keys(student, STUDENT_KEYS, "student")
+    check_precision(to_dict(cfg.get("trainer")))
     for name, t in teacher_set.items():
         check_keys(t, TEACHER_KEYS, f"teacher_set.{name}")
     # 2. directories read (those written are checked by check_run_dirs, at launch)
