@@ -286,6 +286,7 @@ def test_bench_prints_and_writes_all_figures(tiny_teachers, tmp_path):
             "bench.rounds=2",
             "trainer.precision=bf16-mixed",
             "student.channels_last=true",
+            "teacher_channels_last=true",
             f"bench.write={out}",
             f"paths.root_dir={tiny_teachers}",
             f"teacher_cache.dir={tmp_path / 'cache'}",
@@ -305,7 +306,7 @@ def test_bench_prints_and_writes_all_figures(tiny_teachers, tmp_path):
         "(d) full",
         "c / bound",
         "peak memory",
-        "precision bf16-mixed; student channels_last True",
+        "precision bf16-mixed; student channels_last True; teachers in float32, channels_last;",
     ):
         assert row in md
     # each timed phase: its median round lies inside the slowest-fastest range of its rounds

@@ -151,3 +151,19 @@ def test_half_precision_bank_matches_float32_and_reports_file_hash(tmp_path):
     assert half.hashes()["a"] != ref.metas["a"].sha256
     with pytest.raises(ConfigError, match="teacher_dtype"):
         load_teacher_bank(entries, dtype="half")
+
+
+def test_channels_last_bank_same_outputs_and_hash(tmp_path):
+    _, pa = exported(tmp_path, "test_resnet", 3, "a")
+    entries = {"a": {"weights": str(pa)}}
+    ref = load_teacher_bank(entries)
+    nhwc = load_teacher_bank(entries, channels_last=True)
+    conv = next(m for m in nhwc.teachers["a"].model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    x = torch.rand(8, 3, 24, 24)
+    a, b = ref(x), nhwc(x)
+    torch.testing.assert_close(b.logits[0], a.logits[0], rtol=1e-4, atol=1e-5)
+    for fa, fb in zip(a.features[0], b.features[0], strict=True):
+        torch.testing.assert_close(fb, fa, rtol=1e-4, atol=1e-5)
+    assert nhwc.hashes() == ref.hashes() == {"a": ref.metas["a"].sha256}

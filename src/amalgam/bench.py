@@ -157,6 +157,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "teacher_dtype": str(module.teachers.dtype).replace("torch.", ""),
         "precision": str(precision),
         "channels_last": bool(cfg.student.get("channels_last", False)),
+        "teacher_channels_last": module.teachers.channels_last,
         "optimizer": type(opt).__name__ + (" (fused)" if opt.defaults.get("fused") else ""),
         "steps": steps,
         "rounds": rounds,
@@ -185,7 +186,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
             "",
             f"Machine: {r['machine']}. Batch {r['batch']}, {r['image_size']} px, "
             f"{r['channels']} channel(s); precision {r.get('precision', '32-true')}; student "
-            f"channels_last {r.get('channels_last', False)}; teachers in {r['teacher_dtype']}; "
+            f"channels_last {r.get('channels_last', False)}; teachers in {r['teacher_dtype']}"
+            f"{', channels_last' if r.get('teacher_channels_last') else ''}; "
             f"optimiser {r['optimizer']}; median of {r['rounds']} interleaved rounds of "
             f"{r['steps']} steps each. Command: `{command}`",
             "",

@@ -139,7 +139,10 @@ def build_amalgamation(cfg: DictConfig, fit_rules: bool = True) -> tuple[Any, Am
         teacher_set[name]["class_names"] = list(space.task(name).classes)
     feat_idx = to_dict(cfg.student.get("feature_indices", [-1]))
     bank = load_teacher_bank(
-        teacher_set, feature_indices=feat_idx, dtype=cfg.get("teacher_dtype", "float32")
+        teacher_set,
+        feature_indices=feat_idx,
+        dtype=cfg.get("teacher_dtype", "float32"),
+        channels_last=bool(cfg.get("teacher_channels_last", False)),
     )
     student = build_student(to_dict(cfg.student), space.num_classes)
     method = build_method(

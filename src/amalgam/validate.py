@@ -663,7 +663,8 @@ def validate_amalgamation(cfg: DictConfig) -> None:
     method_cls = check_method(method)
     check_data_keys(data)
     check_keys(student, STUDENT_KEYS, "student")
-    check_precision(to_dict(cfg.get("trainer")))
+    trainer = cfg.get("trainer") or {}  # two keys only: the rest may need Hydra's runtime
+    check_precision({k: trainer.get(k) for k in ("precision", "accelerator") if k in trainer})
     for name, t in teacher_set.items():
         check_keys(t, TEACHER_KEYS, f"teacher_set.{name}")
     # 2. directories read (those written are checked by check_run_dirs, at launch)
