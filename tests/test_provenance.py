@@ -98,3 +98,18 @@ def test_sweep_report_warns_when_jobs_mix_commits_or_teacher_files():
     assert "different commits" in notes[1] and "2 different sets of teacher files" in notes[2]
     # results written before provenance was recorded
     assert provenance_notes([{"teacher_hashes": {"t": "1"}}]) == ["Code: unknown (1 jobs)"]
+
+
+def test_provenance_records_the_code_at_import_and_a_later_change(monkeypatch):
+    import amalgam.provenance as prov
+
+    start = {"amalgam": amalgam.__version__, "git_commit": "aa" * 20, "git_dirty": False}
+    monkeypatch.setattr(prov, "AT_IMPORT", start)
+    monkeypatch.setattr(prov, "code_version", lambda: dict(start))
+    p = prov.provenance()
+    assert p["git_commit"] == "aa" * 20 and "git_at_write" not in p
+    # a commit landed while the process ran: the record keeps the code that ran, and says so
+    monkeypatch.setattr(prov, "code_version", lambda: {**start, "git_commit": "bb" * 20})
+    p = prov.provenance()
+    assert p["git_commit"] == "aa" * 20 and p["git_dirty"] is False
+    assert p["git_at_write"] == {"git_commit": "bb" * 20, "git_dirty": False}

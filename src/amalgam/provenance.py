@@ -74,6 +74,20 @@ def environment() -> dict[str, Any]:
     return env
 
 
+# The code this process runs is the code it imported: a sweep process that outlives a commit (or
+# an edit) keeps running what it started with, so the commit recorded is the one at import.
+AT_IMPORT: dict[str, Any] = code_version()
+
+
 def provenance() -> dict[str, Any]:
-    """code_version() and environment() in one dict (the `provenance` field of results.json)."""
-    return {**code_version(), **environment()}
+    """The code at import, and environment(), in one dict (the `provenance` field of results).
+
+    When the checkout changed between this process's import and now (a commit or an edit landed
+    while a sweep ran), `git_at_write` adds the commit and dirty flag read now, so the record
+    shows both what ran and what the tree held when the file was written.
+    """
+    out = {**AT_IMPORT, **environment()}
+    now = code_version()
+    if (now["git_commit"], now["git_dirty"]) != (AT_IMPORT["git_commit"], AT_IMPORT["git_dirty"]):
+        out["git_at_write"] = {"git_commit": now["git_commit"], "git_dirty": now["git_dirty"]}
+    return out
