@@ -66,6 +66,9 @@ def test_fashion2_is_the_demo_with_the_density_ratio_rule_cache_and_t4(method, t
     )
     assert cfg.targets._target_ == "amalgam.targets.DensityRatio" and cfg.teacher_cache.enabled
     assert cfg.method.temperature == 4.0 and cfg.task_name == "fashion2"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.student.channels_last is True
+    # the CPU-speed preset is all that differs from the demo's data, teachers, student and trainer
+    demo.trainer.precision, demo.student.channels_last = "bf16-mixed", True
     for key in ("data", "teacher_set", "student", "trainer", "optim"):
         assert cfg[key] == demo[key], key
     sweep = OmegaConf.load(Path(CONF_DIR) / "sweep" / "evidence.yaml")
