@@ -81,10 +81,10 @@ class Backbone(nn.Module):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.channels_last = channels_last
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.channels_last = False
+        if channels_last:
+            self.use_channels_last()
         self.in_chans = in_chans
         self.input_size = input_size
         dmean, dstd = default_norm(model)
@@ -96,6 +96,11 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.feature_indices = list(feature_indices)
+
+    def use_channels_last(self) -> None:
+        """NHWC weights, and inputs turned NHWC in `preprocess`."""
+        self.channels_last = True
+        self.model.to(memory_format=torch.channels_last)
 
     @property
     def norm(self) -> tuple[list[float], list[float]]:

@@ -45,12 +45,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.flatten(1).float(), dim=1).double()
 
 
-def _mean_kernel(
-    a: torch.Tensor, b: torch.Tensor, sigmas: Sequence[float], same: bool
-) -> torch.Tensor:
+def _mean_kernel(a: torch.Tensor, b: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     """Mean of the multi-bandwidth kernel over all pairs of rows of a and b (float64 rows)."""
     sa = a.square().sum(1)
-    sb = sa if same else b.square().sum(1)
+    sb = sa if b is a else b.square().sum(1)
     d2 = (sa[:, None] + sb[None, :] - 2 * (a @ b.T)).clamp_min(0).float()
     return multi_kernel(d2, sigmas).mean()
 
@@ -78,12 +76,12 @@ def mmd_to_each(
     evaluates (1 + 2T) B x B kernel blocks instead of the 4T of T separate `mmd` calls.
     """
     xr = _rows(x)
-    kxx = _mean_kernel(xr, xr, sigmas, same=True)
+    kxx = _mean_kernel(xr, xr, sigmas)
     out = []
     for y in ys:
         yr = _rows(y)
-        kyy = _mean_kernel(yr, yr, sigmas, same=True)
-        kxy = _mean_kernel(xr, yr, sigmas, same=False)
+        kyy = _mean_kernel(yr, yr, sigmas)
+        kxy = _mean_kernel(xr, yr, sigmas)
         out.append((kxx + kyy - 2 * kxy).clamp_min(0))
     return out
 

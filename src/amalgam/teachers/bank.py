@@ -65,8 +65,7 @@ class TeacherBank(nn.Module):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             for t in self.teachers.values():
-                t.channels_last = True
-                t.model.to(memory_format=torch.channels_last)
+                t.use_channels_last()
         self._cast_hashes: dict[str, str] | None = None
         if self.dtype != torch.float32:
             self.to(self.dtype)
