@@ -256,18 +256,34 @@ def test_cached_training_runs_without_teacher_forward_in_steps(
     assert calls["n"] == 2 * pool_batches + 1 + test_batches
 
 
-def test_bench_autocast_matches_the_trainer_precision():
-    from amalgam.bench import autocast
+def test_bench_precision_is_the_trainers():
+    from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+
+    from amalgam.bench import precision_plugin
 
     a, b = torch.randn(4, 8), torch.randn(8, 3)
     cpu = torch.device("cpu")
-    with autocast("bf16-mixed", cpu):
+    bf16 = precision_plugin("bf16-mixed", cpu)
+    assert isinstance(bf16, MixedPrecision) and bf16.device == "cpu"
+    with bf16.forward_context():
         assert (a @ b).dtype == torch.bfloat16
         # the float64 Gram matrix of the MMD is not cast
         assert (a.double() @ b.double()).dtype == torch.float64
-    for p in ("32-true", 32, "64-true"):
-        with autocast(p, cpu):
+        # Lightning's region: autocast without its weight-cast cache
+        assert not torch.is_autocast_cache_enabled()
+    # fp16 AMP is not supported on a CPU: Lightning (and so the bench) runs bf16 instead
+    assert precision_plugin("16-mixed", cpu).precision == "bf16-mixed"
+    for p in ("32-true", 32):
+        plugin = precision_plugin(p, cpu)
+        assert plugin.precision == "32-true"
+        with plugin.forward_context():
             assert (a @ b).dtype == torch.float32
+    # *-true half precision: the module's weights and the inputs are converted, as in training
+    half = precision_plugin("bf16-true", cpu)
+    assert isinstance(half, HalfPrecision)
+    net = half.convert_module(torch.nn.Linear(8, 3))
+    assert net.weight.dtype == torch.bfloat16
+    assert half.convert_input(a).dtype == torch.bfloat16
 
 
 @pytest.mark.slow

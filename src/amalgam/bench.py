@@ -8,10 +8,10 @@ peak memory. Phases are interleaved over rounds and the median round is reported
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -48,14 +49,26 @@ def timed(fn: Callable[[int], Any], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def autocast(precision: Any, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast region Lightning puts around a training step's forward at `precision`."""
-    p = str(precision)
-    if p in ("bf16-mixed", "bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if p in ("16-mixed", "16"):
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
+def precision_plugin(precision: Any, device: torch.device) -> Precision:
+    """The precision plugin Lightning's Trainer picks for `precision` on `device`.
+
+    The bench times its phases inside this plugin's `forward_context()` (and, for `*-true`
+    half precisions, on the module and inputs it converts), so each phase runs under exactly
+    the autocast region and dtypes of a training step: e.g. `bf16-mixed` autocast with its
+    weight-cast cache disabled, and `16-mixed` on a CPU falling back to bf16, as Lightning does.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "16-mixed is not supported on CPU", GPU-available notes
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    return trainer.precision_plugin
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -77,12 +90,14 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "cuda" if torch.cuda.is_available() and cfg.bench.device != "cpu" else "cpu"
     )
     dm, module = build_amalgamation(cfg)
-    module: AmalgamModule = module.to(device)
+    precision = cfg.trainer.get("precision", "32-true")
+    plugin = precision_plugin(precision, device)
+    module: AmalgamModule = plugin.convert_module(module.to(device))
     module.train()
     steps, rounds = int(cfg.bench.steps), int(cfg.bench.rounds)
     loader = iter(dm.train_dataloader())
     batches = [next(loader) for _ in range(steps)]
-    xs = [b["image"].to(device) for b in batches]
+    xs = [plugin.convert_input(b["image"].to(device)) for b in batches]
     ids = [b["index"] for b in batches]
     n = xs[0].shape[0]
     params = [p for p in module.parameters() if p.requires_grad]
@@ -90,20 +105,18 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     # the training run's optimiser (type, fused kernels), at a small lr
     opt = build_optimizer(cfg.optim, [{"params": params, "lr": 1e-4}])
     s_opt = build_optimizer(cfg.optim, [{"params": s_params, "lr": 1e-4}])
-    with torch.no_grad():
+    with torch.no_grad(), plugin.forward_context():
         rule = module.method.targets
         t_feats = module.method.needs_teacher_features
         outs = [module.teachers(x, features=t_feats) for x in xs]
         targets = [rule(o.logits, 1.0, o.features) for o in outs]
 
-    precision = cfg.trainer.get("precision", "32-true")
-
     def teachers(i: int) -> None:
-        with autocast(precision, device):
+        with plugin.forward_context():
             module.teachers(xs[i], features=module.method.needs_teacher_features)
 
     def student(i: int) -> None:
-        with autocast(precision, device):
+        with plugin.forward_context():
             out = module.student(xs[i], features=module.method.needs_features)
             loss = soft_cross_entropy(out.logits, targets[i])
         s_opt.zero_grad(set_to_none=True)
@@ -111,7 +124,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         s_opt.step()
 
     def full(i: int, cached: bool = False) -> None:
-        with autocast(precision, device):
+        with plugin.forward_context():
             terms = module.losses(xs[i], index=ids[i] if cached else None)
             loss = torch.stack(list(terms.values())).sum()
         opt.zero_grad(set_to_none=True)
@@ -155,7 +168,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "student": str(cfg.student.arch),
         "teachers": {k: m.arch for k, m in module.teachers.metas.items()},
         "teacher_dtype": str(module.teachers.dtype).replace("torch.", ""),
-        "precision": str(precision),
+        "precision": str(plugin.precision),  # what Lightning runs (16-mixed on a CPU: bf16)
         "channels_last": bool(cfg.student.get("channels_last", False)),
         "teacher_channels_last": module.teachers.channels_last,
         "optimizer": type(opt).__name__ + (" (fused)" if opt.defaults.get("fused") else ""),
