@@ -18,7 +18,7 @@ help:
 	@echo "make test-long - variants of tested paths over the make-test budget (about 3 min)"
 	@echo "make test-soak - a long CPU run: memory stays flat over thousands of steps (minutes)"
 	@echo "make bench    - time teachers / student / full step / cached step on the demo models"
-	@echo "make bench-accuracy - the fashion2 evidence table: scratch/kd/cfl/ablations x 3 seeds (up to 2 h on 2 cores)"
+	@echo "make bench-accuracy - the fashion2 evidence table: scratch/kd/cfl/ablations x 3 seeds (1 h 31 min on 2 cores, bf16)"
 	@echo "make mnist-fashion4 - the 4-teacher, 20-class benchmark (MNIST + Fashion-MNIST)"
 	@echo "make lint / make format / make clean"
 
