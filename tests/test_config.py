@@ -73,9 +73,51 @@ def test_fashion2_is_the_demo_with_the_density_ratio_rule_cache_and_t4(method, t
         assert cfg[key] == demo[key], key
     sweep = OmegaConf.load(Path(CONF_DIR) / "sweep" / "evidence.yaml")
     assert sweep.hydra.sweeper.params == {
-        "method": "scratch,kd,cfl,cfl_no_mmd,cfl_no_rec",
+        "method": "scratch,kd,cfl,cfl_no_rec,cfl_no_mmd",
         "seed": "0,1,2",
     }
+
+
+@pytest.mark.parametrize("method", ["scratch", "kd", "cfl", "cfl_no_mmd", "cfl_no_rec"])
+def test_mnist_fashion4_runs_each_method_at_its_recipe_chosen_on_validation(method, tmp_path):
+    plain = make_cfg("amalgamate", [f"method={method}"], tmp_path)
+    cfg = make_cfg(
+        "amalgamate", ["experiment=mnist_fashion4", "sweep=evidence", f"method={method}"], tmp_path
+    )
+    assert cfg.targets._target_ == "amalgam.targets.DensityRatio" and cfg.teacher_cache.enabled
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.student.channels_last is True
+    expected = dict(plain.method.weights or {})
+    if method in ("cfl", "cfl_no_rec"):  # conf/tuned/mnist_fashion4/<method>.yaml
+        expected["mmd"] = 1.0
+    assert dict(cfg.method.weights or {}) == expected
+    assert cfg.method.get("temperature") == plain.method.get("temperature")
+    # the tuned recipe is a default: the command line still wins over it
+    if "mmd" in expected:
+        cli = make_cfg(
+            "amalgamate",
+            ["experiment=mnist_fashion4", f"method={method}", "method.weights.mmd=10.0"],
+            tmp_path,
+        )
+        assert cli.method.weights.mmd == 10.0
+
+
+def test_every_tuned_recipe_names_an_experiment_and_a_method_and_changes_them(tmp_path):
+    # tuned/<experiment>/<method>.yaml is an optional default: a misspelt name would be skipped
+    # silently, so every file must name a real pair and change that pair's composed config
+    files = sorted((CONF / "tuned").glob("*/*.yaml"))
+    assert files
+    for f in files:
+        exp, method = f.parent.name, f.stem
+        assert exp in options("experiment") and method in options("method"), f
+        over = [f"experiment={exp}", f"method={method}"]
+        cfg = make_cfg("amalgamate", over, tmp_path)
+        bare = make_cfg("amalgamate", [*over, "~tuned@_global_"], tmp_path)  # the opt-out
+        tuned = OmegaConf.load(f)
+        assert cfg != bare, f
+        for key in tuned:
+            assert cfg[key] == OmegaConf.merge(bare[key], tuned[key]), (f, key)
+    # without an experiment nothing is tuned: the method's own file (reference weights)
+    assert make_cfg("amalgamate", ["method=cfl"], tmp_path).method.weights.mmd == 10.0
 
 
 @pytest.mark.parametrize("exp", ["fashion2", "mnist_fashion4"])
