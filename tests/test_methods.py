@@ -206,6 +206,78 @@ def test_map_conv_on_1x1_maps_equals_padded_conv(k):
         ref.zero_grad()
 
 
+def test_map_conv_point_holds_the_centre_tap_and_trains_as_the_full_kernel():
+    from amalgam.methods.cfl import MapConv
+
+    torch.manual_seed(0)
+    full = MapConv(6, 4, 3)
+    torch.manual_seed(0)
+    point = MapConv(6, 4, 3, point=True)
+    assert point.weight.shape == (4, 6, 1, 1)  # 9x fewer parameters
+    # the same draw: the centre tap of the full kernel, the same bias
+    assert torch.equal(point.weight[:, :, 0, 0], full.weight[:, :, 1, 1])
+    assert torch.equal(point.bias, full.bias)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-4) for m in (full, point)]
+    x = torch.randn(5, 6, 1, 1)
+    # Adam with L2 decay moves the full kernel's dead taps, never the output (equal to rounding:
+    # the matrix product reads a strided centre tap there, a contiguous one here)
+    for _ in range(3):
+        for m, o in zip((full, point), opts, strict=True):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    torch.testing.assert_close(point(x), full(x), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        point.weight[:, :, 0, 0], full.weight[:, :, 1, 1], rtol=1e-6, atol=1e-7
+    )
+    # a checkpoint of the full layer loads as its centre tap
+    fresh = MapConv(6, 4, 3, point=True)
+    fresh.load_state_dict(full.state_dict())
+    assert torch.equal(fresh.weight[:, :, 0, 0], full.weight[:, :, 1, 1])
+    with pytest.raises(ValueError, match="1x1 maps"):
+        point(torch.randn(2, 6, 3, 3))
+
+
+def test_block_on_1x1_maps_equals_the_block_with_full_kernels(monkeypatch):
+    """The common-feature block on 1x1 maps keeps only centre taps: same outputs, same
+    training, about 2.6x fewer parameters (the demo's shapes)."""
+    import amalgam.methods.cfl as cfl
+
+    shapes = ((512, 1, 1), [(512, 1, 1), (320, 1, 1)])
+    torch.manual_seed(0)
+    lean = CommonFeatureBlock(*shapes)
+
+    class FullKernels(cfl.MapConv):
+        def __init__(self, cin, cout, k=1, bias=True, point=False):
+            super().__init__(cin, cout, k, bias)
+
+    monkeypatch.setattr(cfl, "MapConv", FullKernels)
+    torch.manual_seed(0)
+    full = CommonFeatureBlock(*shapes)
+    n_lean = sum(p.numel() for p in lean.parameters())
+    n_full = sum(p.numel() for p in full.parameters())
+    # the 3x3 layers: extractor 256->128, three 128->128, decoders 128->512 and 128->320
+    k3 = 256 * 128 + 3 * 128 * 128 + 128 * 512 + 128 * 320
+    assert n_full == 2_440_192 and n_full - n_lean == 8 * k3  # 932,864 left
+    fs, fts = torch.randn(8, 512, 1, 1), [torch.randn(8, 512, 1, 1), torch.randn(8, 320, 1, 1)]
+    opts = [torch.optim.Adam(b.parameters(), lr=1e-3, weight_decay=1e-4) for b in (lean, full)]
+    for _ in range(3):
+        outs = []
+        for b, o in zip((lean, full), opts, strict=True):
+            hs, hts, recs, _ = b(fs, fts)
+            loss = sum(h.square().mean() for h in (hs, *hts)) + sum(r.mean() for r in recs)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            outs.append(torch.cat([t.flatten() for t in (hs, *hts, *recs)]))
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+    # the full block's checkpoint loads into the lean one
+    monkeypatch.undo()
+    fresh = CommonFeatureBlock(*shapes)
+    fresh.load_state_dict(full.state_dict())
+    torch.testing.assert_close(fresh(fs, fts)[0], full(fs, fts)[0], rtol=1e-6, atol=1e-7)
+
+
 def test_loss_terms_logged_only_on_logger_steps(bank, monkeypatch):
     """No per-step logging (each logged value is read back with .item(): a GPU sync)."""
     s = student()

@@ -30,17 +30,42 @@ class MapConv(nn.Conv2d):
     tap (same parameters, same outputs and gradients, 9x fewer MACs for k = 3 and none of the
     convolution kernels' set-up cost): the common-feature block on pooled or last-stage maps at
     small image sizes is a stack of matrix products.
+
+    `point=True` declares that every input is a 1x1 map (the block knows its common size when
+    it is built): the layer then holds only the centre tap, initialised from the same draw as the
+    k x k kernel (same values, same scale), so its outputs and gradients are those of the k x k
+    layer while its parameters, gradients and optimiser state are k^2 times smaller. A k x k
+    weight in a state dict (a checkpoint of the full layer) loads as its centre tap.
     """
 
-    def __init__(self, cin: int, cout: int, k: int = 1, bias: bool = True) -> None:
+    def __init__(self, cin: int, cout: int, k: int = 1, bias: bool = True, point: bool = False):
         if k not in (1, 3):
             raise ValueError("MapConv supports 1x1 and 3x3 kernels")
         super().__init__(cin, cout, k, padding=k // 2, bias=bias)
+        self.point = bool(point)
+        if self.point and k > 1:
+            c = k // 2
+            self.weight = nn.Parameter(self.weight.detach()[:, :, c : c + 1, c : c + 1].clone())
+            self.kernel_size, self.padding = (1, 1), (0, 0)
+            self._register_load_state_dict_pre_hook(self._centre_of_full_kernel)
+
+    def _centre_of_full_kernel(self, state_dict, prefix, *args) -> None:
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.dim() == 4 and w.shape[-2:] != (1, 1):
+            c = w.shape[-1] // 2
+            state_dict[prefix + "weight"] = w[:, :, c : c + 1, c : c + 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] == (1, 1):
-            c = self.kernel_size[0] // 2
-            return F.linear(x.flatten(1), self.weight[:, :, c, c], self.bias)[..., None, None]
+            k = self.kernel_size[0]
+            # a view for 1x1 weights (no gradient scatter); the centre tap of a k x k kernel
+            w = self.weight.flatten(1) if k == 1 else self.weight[:, :, k // 2, k // 2]
+            return F.linear(x.flatten(1), w, self.bias)[..., None, None]
+        if self.point:
+            raise ValueError(
+                f"MapConv(point=True) holds the centre tap only and takes 1x1 maps, got "
+                f"{tuple(x.shape[-2:])}"
+            )
         return super().forward(x)
 
 
@@ -49,14 +74,14 @@ def conv_act(cin: int, cout: int) -> nn.Sequential:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, batchnorm: bool) -> None:
+    def __init__(self, cin: int, cout: int, batchnorm: bool, point: bool = False) -> None:
         super().__init__()
         norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
         self.body = nn.Sequential(
-            MapConv(cin, cout, 3, bias=not batchnorm),
+            MapConv(cin, cout, 3, bias=not batchnorm, point=point),
             norm(cout),
             nn.ReLU(inplace=True),
-            MapConv(cout, cout, 3, bias=not batchnorm),
+            MapConv(cout, cout, 3, bias=not batchnorm, point=point),
             norm(cout),
         )
         self.skip = nn.Identity() if cin == cout else MapConv(cin, cout, 1)
@@ -102,13 +127,17 @@ class CommonFeatureBlock(nn.Module):
         self.resize_rule = "pool" if pooled else resize_rule
         self.align_s = conv_act(student_shape[0], 2 * hidden)
         self.align_t = nn.ModuleList(conv_act(s[0], 2 * hidden) for s in teacher_shapes)
+        # common maps of 1x1 (pooled, or last-stage maps of small images): the 3x3 layers keep
+        # their centre tap only, the one that meets data (same outputs and gradients)
+        point = side == 1
         self.extractor = nn.Sequential(
-            ResBlock(2 * hidden, hidden, batchnorm), ResBlock(hidden, hidden, batchnorm)
+            ResBlock(2 * hidden, hidden, batchnorm, point),
+            ResBlock(hidden, hidden, batchnorm, point),
         )
         self.dec_t = (
             nn.ModuleList(
                 nn.Sequential(
-                    MapConv(hidden, s[0], 3),
+                    MapConv(hidden, s[0], 3, point=point),
                     nn.ReLU(inplace=True),
                     MapConv(s[0], s[0], 1),
                 )
