@@ -23,6 +23,12 @@ from amalgam.teachers.bank import TeacherOutputs
 RESIZE_RULES = ("pool", "interpolate")
 
 
+def centre_tap(w: torch.Tensor) -> torch.Tensor:
+    """The centre tap of a (cout, cin, k, k) kernel, as a (cout, cin, 1, 1) view."""
+    c = w.shape[-1] // 2
+    return w[:, :, c : c + 1, c : c + 1]
+
+
 class MapConv(nn.Conv2d):
     """k x k convolution (k = 1 or 3, 'same' padding) with a fast path on 1x1 maps.
 
@@ -44,16 +50,15 @@ class MapConv(nn.Conv2d):
         super().__init__(cin, cout, k, padding=k // 2, bias=bias)
         self.point = bool(point)
         if self.point and k > 1:
-            c = k // 2
-            self.weight = nn.Parameter(self.weight.detach()[:, :, c : c + 1, c : c + 1].clone())
+            self.weight = nn.Parameter(centre_tap(self.weight.detach()).clone())
             self.kernel_size, self.padding = (1, 1), (0, 0)
-            self._register_load_state_dict_pre_hook(self._centre_of_full_kernel)
+            self.register_load_state_dict_pre_hook(self._centre_of_full_kernel)
 
-    def _centre_of_full_kernel(self, state_dict, prefix, *args) -> None:
+    @staticmethod
+    def _centre_of_full_kernel(module, state_dict, prefix, *args) -> None:
         w = state_dict.get(prefix + "weight")
         if w is not None and w.dim() == 4 and w.shape[-2:] != (1, 1):
-            c = w.shape[-1] // 2
-            state_dict[prefix + "weight"] = w[:, :, c : c + 1, c : c + 1]
+            state_dict[prefix + "weight"] = centre_tap(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] == (1, 1):
