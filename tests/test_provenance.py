@@ -113,3 +113,29 @@ def test_provenance_records_the_code_at_import_and_a_later_change(monkeypatch):
     p = prov.provenance()
     assert p["git_commit"] == "aa" * 20 and p["git_dirty"] is False
     assert p["git_at_write"] == {"git_commit": "bb" * 20, "git_dirty": False}
+
+
+def test_sweep_table_gives_each_rule_its_own_teacher_ensemble():
+    """A sweep over targets=: each variant's teacher ensemble differs, so the joint cell of the
+    teachers' row cannot stand for all of them; each row carries its own."""
+    from amalgam.report.sweep import aggregate, table_rows
+
+    def job(variant, seed, student, ensemble):
+        return {
+            "variant": variant,
+            "seed": seed,
+            "tasks": {"a": {"student_acc": 0.9, "teacher_acc": 0.95}},
+            "joint": {"student_acc": student, "teacher_ensemble_acc": ensemble},
+        }
+
+    jobs = [job("targets=concat", s, 0.60 + s / 100, 0.59) for s in (0, 1)]
+    header, body = table_rows(aggregate(jobs))
+    assert header[-1] == "joint student" and body[0][-1] == "59.00 ± 0.00"
+    jobs += [job("targets=density_ratio", s, 0.88, 0.87 + s / 100) for s in (0, 1)]
+    header, body = table_rows(aggregate(jobs))
+    assert header[-2:] == ["joint student", "joint teacher ensemble"]
+    assert body[0][-2:] == ["per variant ->", "-"]
+    rows = {r[0]: r[-2:] for r in body[1:]}
+    assert rows["targets=concat"] == ["60.50 ± 0.71", "59.00 ± 0.00"]
+    assert rows["targets=density_ratio"] == ["88.00 ± 0.00", "87.50 ± 0.71"]
+    assert all(len(r) == len(header) for r in body)

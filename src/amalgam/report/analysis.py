@@ -118,8 +118,8 @@ def ablation_table(results: Sequence[Mapping[str, Any]]) -> Table:
     header, body = table_rows(summarize(results))
     caption = (
         "Test accuracy (%), mean ± std over seeds. Task columns: task-aware accuracy (argmax "
-        "inside the task's classes); joint: argmax over the union (teachers: concatenated "
-        "logits)."
+        "inside the task's classes); joint: argmax over the union (teachers: their ensemble "
+        "under the run's target rule)."
     )
     return Table(header, body, caption)
 

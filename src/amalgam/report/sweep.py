@@ -71,26 +71,33 @@ def fmt(ms: tuple[float, float]) -> str:
 
 
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and body: the teachers' row first (task-aware accuracy of each teacher on its
+    task; joint: their ensemble), then one row per variant. When the variants' teacher
+    ensembles differ (a sweep over `targets=`: each rule makes its own ensemble), the joint
+    cell of the teachers' row would be one rule's figure only, so each variant's row gets its
+    ensemble in a column of its own and the teachers' row says so."""
     tasks = list(rows[0]["tasks"])
+    per_row = len({fmt(r["joint"]["teacher"]) for r in rows}) > 1
     header = ["variant", "seeds", *[f"{t} student" for t in tasks], "joint student"]
-    body = [
-        [
-            "teachers (ensemble for joint)",
-            "-",
-            *[fmt(rows[0]["tasks"][t]["teacher"]) for t in tasks],
-            fmt(rows[0]["joint"]["teacher"]),
-        ]
+    first = [
+        "teachers (ensemble for joint)",
+        "-",
+        *[fmt(rows[0]["tasks"][t]["teacher"]) for t in tasks],
+        "per variant ->" if per_row else fmt(rows[0]["joint"]["teacher"]),
     ]
+    if per_row:
+        header.append("joint teacher ensemble")
+        first.append("-")
+    body = [first]
     for r in rows:
         name = r["variant"] + (" (USES LABELS)" if r["uses_labels"] else "")
-        body.append(
-            [
-                name,
-                str(r["n"]),
-                *[fmt(r["tasks"][t]["student"]) for t in tasks],
-                fmt(r["joint"]["student"]),
-            ]
-        )
+        cells = [
+            name,
+            str(r["n"]),
+            *[fmt(r["tasks"][t]["student"]) for t in tasks],
+            fmt(r["joint"]["student"]),
+        ]
+        body.append(cells + [fmt(r["joint"]["teacher"])] * per_row)
     return header, body
 
 
