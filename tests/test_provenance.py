@@ -1,5 +1,6 @@
 """Provenance: the code, packages and machine recorded with every result and teacher file."""
 
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 import amalgam
 from amalgam.provenance import PACKAGE_DIR, code_version, provenance
 from amalgam.report.run import code_line
-from amalgam.report.sweep import provenance_notes
+from amalgam.report.sweep import aggregate, provenance_notes
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -118,7 +119,7 @@ def test_provenance_records_the_code_at_import_and_a_later_change(monkeypatch):
 def test_sweep_table_gives_each_rule_its_own_teacher_ensemble():
     """A sweep over targets=: each variant's teacher ensemble differs, so the joint cell of the
     teachers' row cannot stand for all of them; each row carries its own."""
-    from amalgam.report.sweep import aggregate, table_rows
+    from amalgam.report.sweep import table_rows
 
     def job(variant, seed, student, ensemble):
         return {
@@ -139,3 +140,37 @@ def test_sweep_table_gives_each_rule_its_own_teacher_ensemble():
     assert rows["targets=concat"] == ["60.50 ± 0.71", "59.00 ± 0.00"]
     assert rows["targets=density_ratio"] == ["88.00 ± 0.00", "87.50 ± 0.71"]
     assert all(len(r) == len(header) for r in body)
+
+
+def test_sweep_plots_mark_each_rule_ensemble_instead_of_one_teachers_bar(tmp_path):
+    from matplotlib.collections import LineCollection
+
+    from amalgam.report.analysis import plot_bars
+    from amalgam.report.sweep import plot
+
+    def job(variant, seed, student, ensemble):
+        return {
+            "variant": variant,
+            "method": "cfl",
+            "seed": seed,
+            "tasks": {"a": {"student_acc": 0.9, "teacher_acc": 0.95}},
+            "joint": {"student_acc": student, "teacher_ensemble_acc": ensemble},
+        }
+
+    def dashed(c):
+        return isinstance(c, LineCollection) and c.get_linestyle()[0][1] is not None
+
+    same = [job("targets=concat", s, 0.6, 0.59) for s in (0, 1)]
+    ax = plot_bars(same).axes[0]
+    assert ax.patches[1].get_height() == pytest.approx(59.0)  # teachers' joint bar
+    assert not [c for c in ax.collections if dashed(c)]
+    jobs = same + [job("targets=density_ratio", s, 0.88, 0.30 + s / 10) for s in (0, 1)]
+    ax = plot_bars(jobs).axes[0]
+    bars = list(ax.patches)  # teachers a, joint; then each variant a, joint
+    assert len(bars) == 6 and math.isnan(bars[1].get_height())
+    marks = [c for c in ax.collections if dashed(c)]
+    ys = sorted(seg[0][1] for c in marks for seg in c.get_segments())
+    assert ys == pytest.approx([35.0, 59.0])
+    assert ax.get_ylim()[0] <= 35.0
+    rows = aggregate(jobs)
+    assert plot(rows, tmp_path / "p.png").stat().st_size > 0

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from amalgam.report.run import md_table
-from amalgam.report.sweep import aggregate, collect, table_rows
+from amalgam.report.sweep import aggregate, collect, ensemble_marks, ensembles_differ, table_rows
 
 SWEEP_ENV = "AMALGAM_SWEEP_DIR"
 # display order of the known methods; other variants follow, alphabetically
@@ -134,7 +134,11 @@ def plot_bars(results: Sequence[Mapping[str, Any]]) -> Figure:
     def pick(r: Mapping[str, Any], who: str, g: str) -> tuple[float, float]:
         return r["joint"][who] if g == "joint" else r["tasks"][g][who]
 
-    series = [("teachers (ensemble for joint)", [pick(rows[0], "teacher", g) for g in groups])]
+    per_row = ensembles_differ(rows)
+    teachers = [pick(rows[0], "teacher", g) for g in groups]
+    if per_row:  # no one joint bar for the teachers: each variant's ensemble is marked instead
+        teachers[-1] = (float("nan"), float("nan"))
+    series = [("teachers (ensemble for joint)", teachers)]
     series += [(r["variant"], [pick(r, "student", g) for g in groups]) for r in rows]
     width = 0.8 / len(series)
     fig = Figure(figsize=(4.5 + 1.2 * len(groups) * max(1.0, len(series) / 3), 4.2))
@@ -151,9 +155,14 @@ def plot_bars(results: Sequence[Mapping[str, Any]]) -> Figure:
             label=name,
             **style,
         )
+    if per_row:
+        joint = len(groups) - 1
+        xs = [joint + (i - (len(series) - 1) / 2) * width for i in range(1, len(series))]
+        ensemble_marks(ax, rows, xs, width)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    lo = min(v[0] for _, vals in series for v in vals)
+    lo = min(v[0] for _, vals in series for v in vals if v[0] == v[0])
+    lo = min([lo, *(r["joint"]["teacher"][0] for r in rows)] if per_row else [lo])
     ax.set_ylim(max(0.0, lo - 10), 100)
     ax.set_title("student vs teachers per task")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

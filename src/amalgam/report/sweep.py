@@ -70,6 +70,19 @@ def fmt(ms: tuple[float, float]) -> str:
     return f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
+def ensembles_differ(rows: list[dict[str, Any]]) -> bool:
+    """Whether the variants' teacher ensembles differ in joint accuracy (a sweep over
+    `targets=`: each rule makes its own ensemble), so no one teachers' joint figure fits all."""
+    return len({fmt(r["joint"]["teacher"]) for r in rows}) > 1
+
+
+def ensemble_marks(ax: Any, rows: list[dict[str, Any]], xs: list[float], width: float) -> None:
+    """A dashed line over each variant's joint bar at its own teacher ensemble's accuracy."""
+    for k, (r, x) in enumerate(zip(rows, xs, strict=True)):
+        label = "teacher ensemble (the variant's rule)" if k == 0 else None
+        ax.hlines(r["joint"]["teacher"][0], x - width / 2, x + width / 2, "k", "--", label=label)
+
+
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and body: the teachers' row first (task-aware accuracy of each teacher on its
     task; joint: their ensemble), then one row per variant. When the variants' teacher
@@ -77,7 +90,7 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     cell of the teachers' row would be one rule's figure only, so each variant's row gets its
     ensemble in a column of its own and the teachers' row says so."""
     tasks = list(rows[0]["tasks"])
-    per_row = len({fmt(r["joint"]["teacher"]) for r in rows}) > 1
+    per_row = ensembles_differ(rows)
     header = ["variant", "seeds", *[f"{t} student" for t in tasks], "joint student"]
     first = [
         "teachers (ensemble for joint)",
@@ -170,18 +183,27 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     def pick(r: dict[str, Any], who: str, c: str) -> tuple[float, float]:
         return r["joint"][who] if c == "joint" else r["tasks"][c][who]
 
-    series = [("teachers", [pick(rows[0], "teacher", c) for c in cols])]
+    per_row = ensembles_differ(rows)
+    teachers = [pick(rows[0], "teacher", c) for c in cols]
+    if per_row:  # no one joint bar for the teachers: each variant's ensemble is marked instead
+        teachers[-1] = (float("nan"), float("nan"))
+    series = [("teachers", teachers)]
     series += [(r["variant"], [pick(r, "student", c) for c in cols]) for r in rows]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(cols) * max(1, len(series) / 3), 4))
     for i, (name, vals) in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(cols))]
         ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=2, label=name)
+    if per_row:
+        joint = len(cols) - 1
+        xs = [joint + (i - (len(series) - 1) / 2) * width for i in range(1, len(series))]
+        ensemble_marks(ax, rows, xs, width)
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    lo = min(v[0] for _, vals in series for v in vals)
+    lo = min(v[0] for _, vals in series for v in vals if v[0] == v[0])
+    lo = min([lo, *(r["joint"]["teacher"][0] for r in rows)] if per_row else [lo])
     ax.set_ylim(max(0, lo - 10), 100)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
