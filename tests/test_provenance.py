@@ -10,8 +10,9 @@ import torch
 
 import amalgam
 from amalgam.provenance import PACKAGE_DIR, code_version, provenance
+from amalgam.report.analysis import plot_bars
 from amalgam.report.run import code_line
-from amalgam.report.sweep import aggregate, provenance_notes
+from amalgam.report.sweep import aggregate, plot, provenance_notes, table_rows
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -116,19 +117,20 @@ def test_provenance_records_the_code_at_import_and_a_later_change(monkeypatch):
     assert p["git_at_write"] == {"git_commit": "bb" * 20, "git_dirty": False}
 
 
+def job(variant, seed, student, ensemble):
+    """One sweep job's results.json, as far as the sweep report reads it: one task, joint."""
+    return {
+        "variant": variant,
+        "method": "cfl",
+        "seed": seed,
+        "tasks": {"a": {"student_acc": 0.9, "teacher_acc": 0.95}},
+        "joint": {"student_acc": student, "teacher_ensemble_acc": ensemble},
+    }
+
+
 def test_sweep_table_gives_each_rule_its_own_teacher_ensemble():
     """A sweep over targets=: each variant's teacher ensemble differs, so the joint cell of the
     teachers' row cannot stand for all of them; each row carries its own."""
-    from amalgam.report.sweep import table_rows
-
-    def job(variant, seed, student, ensemble):
-        return {
-            "variant": variant,
-            "seed": seed,
-            "tasks": {"a": {"student_acc": 0.9, "teacher_acc": 0.95}},
-            "joint": {"student_acc": student, "teacher_ensemble_acc": ensemble},
-        }
-
     jobs = [job("targets=concat", s, 0.60 + s / 100, 0.59) for s in (0, 1)]
     header, body = table_rows(aggregate(jobs))
     assert header[-1] == "joint student" and body[0][-1] == "59.00 ± 0.00"
@@ -144,18 +146,6 @@ def test_sweep_table_gives_each_rule_its_own_teacher_ensemble():
 
 def test_sweep_plots_mark_each_rule_ensemble_instead_of_one_teachers_bar(tmp_path):
     from matplotlib.collections import LineCollection
-
-    from amalgam.report.analysis import plot_bars
-    from amalgam.report.sweep import plot
-
-    def job(variant, seed, student, ensemble):
-        return {
-            "variant": variant,
-            "method": "cfl",
-            "seed": seed,
-            "tasks": {"a": {"student_acc": 0.9, "teacher_acc": 0.95}},
-            "joint": {"student_acc": student, "teacher_ensemble_acc": ensemble},
-        }
 
     def dashed(c):
         return isinstance(c, LineCollection) and c.get_linestyle()[0][1] is not None

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from amalgam.report.run import md_table
-from amalgam.report.sweep import aggregate, collect, ensemble_marks, ensembles_differ, table_rows
+from amalgam.report.sweep import aggregate, collect, draw_bars, table_rows
 
 SWEEP_ENV = "AMALGAM_SWEEP_DIR"
 # display order of the known methods; other variants follow, alphabetically
@@ -128,44 +128,11 @@ def plot_bars(results: Sequence[Mapping[str, Any]]) -> Figure:
     """Grouped bars, one group per task plus joint: teachers, then each variant's student
     (mean ± std over seeds as error bars)."""
     rows = summarize(results)
-    tasks = list(rows[0]["tasks"])
-    groups = [*tasks, "joint"]
-
-    def pick(r: Mapping[str, Any], who: str, g: str) -> tuple[float, float]:
-        return r["joint"][who] if g == "joint" else r["tasks"][g][who]
-
-    per_row = ensembles_differ(rows)
-    teachers = [pick(rows[0], "teacher", g) for g in groups]
-    if per_row:  # no one joint bar for the teachers: each variant's ensemble is marked instead
-        teachers[-1] = (float("nan"), float("nan"))
-    series = [("teachers (ensemble for joint)", teachers)]
-    series += [(r["variant"], [pick(r, "student", g) for g in groups]) for r in rows]
-    width = 0.8 / len(series)
-    fig = Figure(figsize=(4.5 + 1.2 * len(groups) * max(1.0, len(series) / 3), 4.2))
+    n_groups, n_series = len(rows[0]["tasks"]) + 1, len(rows) + 1
+    fig = Figure(figsize=(4.5 + 1.2 * n_groups * max(1.0, n_series / 3), 4.2))
     ax = fig.add_subplot()
-    for i, (name, vals) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
-        style = {"color": "0.55", "hatch": "//"} if i == 0 else {}
-        ax.bar(
-            xs,
-            [v[0] for v in vals],
-            width,
-            yerr=[v[1] for v in vals],
-            capsize=2,
-            label=name,
-            **style,
-        )
-    if per_row:
-        joint = len(groups) - 1
-        xs = [joint + (i - (len(series) - 1) / 2) * width for i in range(1, len(series))]
-        ensemble_marks(ax, rows, xs, width)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    lo = min(v[0] for _, vals in series for v in vals if v[0] == v[0])
-    lo = min([lo, *(r["joint"]["teacher"][0] for r in rows)] if per_row else [lo])
-    ax.set_ylim(max(0.0, lo - 10), 100)
+    draw_bars(ax, rows, "teachers (ensemble for joint)", {"color": "0.55", "hatch": "//"})
     ax.set_title("student vs teachers per task")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

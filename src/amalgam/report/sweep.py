@@ -76,11 +76,50 @@ def ensembles_differ(rows: list[dict[str, Any]]) -> bool:
     return len({fmt(r["joint"]["teacher"]) for r in rows}) > 1
 
 
-def ensemble_marks(ax: Any, rows: list[dict[str, Any]], xs: list[float], width: float) -> None:
-    """A dashed line over each variant's joint bar at its own teacher ensemble's accuracy."""
-    for k, (r, x) in enumerate(zip(rows, xs, strict=True)):
-        label = "teacher ensemble (the variant's rule)" if k == 0 else None
-        ax.hlines(r["joint"]["teacher"][0], x - width / 2, x + width / 2, "k", "--", label=label)
+def draw_bars(
+    ax: Any, rows: list[dict[str, Any]], teacher_label: str, teacher_style: dict | None = None
+) -> None:
+    """Grouped bars on `ax`, one group per task plus joint: the teachers, then each variant's
+    student (mean ± std over seeds as error bars). When the variants' ensembles differ, the
+    teachers get no joint bar and each variant's ensemble is a dashed mark over its joint bar."""
+    cols = [*rows[0]["tasks"], "joint"]
+
+    def pick(r: dict[str, Any], who: str, c: str) -> tuple[float, float]:
+        return r["joint"][who] if c == "joint" else r["tasks"][c][who]
+
+    per_row = ensembles_differ(rows)
+    teachers = [pick(rows[0], "teacher", c) for c in cols]
+    if per_row:
+        teachers[-1] = (float("nan"), float("nan"))
+    series = [(teacher_label, teachers)]
+    series += [(r["variant"], [pick(r, "student", c) for c in cols]) for r in rows]
+    width = 0.8 / len(series)
+
+    def xs(i: int) -> list[float]:
+        return [j + (i - (len(series) - 1) / 2) * width for j in range(len(cols))]
+
+    for i, (name, vals) in enumerate(series):
+        style = (teacher_style or {}) if i == 0 else {}
+        ax.bar(
+            xs(i),
+            [v[0] for v in vals],
+            width,
+            yerr=[v[1] for v in vals],
+            capsize=2,
+            label=name,
+            **style,
+        )
+    lows = [v[0] for _, vals in series for v in vals if v[0] == v[0]]
+    if per_row:
+        for i, r in enumerate(rows, start=1):
+            x, y = xs(i)[-1], r["joint"]["teacher"][0]
+            label = "teacher ensemble (the variant's rule)" if i == 1 else None
+            ax.hlines(y, x - width / 2, x + width / 2, "k", "--", label=label)
+            lows.append(y)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_ylim(max(0.0, min(lows) - 10), 100)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -110,7 +149,9 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             *[fmt(r["tasks"][t]["student"]) for t in tasks],
             fmt(r["joint"]["student"]),
         ]
-        body.append(cells + [fmt(r["joint"]["teacher"])] * per_row)
+        if per_row:
+            cells.append(fmt(r["joint"]["teacher"]))
+        body.append(cells)
     return header, body
 
 
@@ -177,33 +218,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(rows[0]["tasks"])
-    cols = [*tasks, "joint"]
-
-    def pick(r: dict[str, Any], who: str, c: str) -> tuple[float, float]:
-        return r["joint"][who] if c == "joint" else r["tasks"][c][who]
-
-    per_row = ensembles_differ(rows)
-    teachers = [pick(rows[0], "teacher", c) for c in cols]
-    if per_row:  # no one joint bar for the teachers: each variant's ensemble is marked instead
-        teachers[-1] = (float("nan"), float("nan"))
-    series = [("teachers", teachers)]
-    series += [(r["variant"], [pick(r, "student", c) for c in cols]) for r in rows]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(cols) * max(1, len(series) / 3), 4))
-    for i, (name, vals) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(cols))]
-        ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=2, label=name)
-    if per_row:
-        joint = len(cols) - 1
-        xs = [joint + (i - (len(series) - 1) / 2) * width for i in range(1, len(series))]
-        ensemble_marks(ax, rows, xs, width)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    lo = min(v[0] for _, vals in series for v in vals if v[0] == v[0])
-    lo = min([lo, *(r["joint"]["teacher"][0] for r in rows)] if per_row else [lo])
-    ax.set_ylim(max(0, lo - 10), 100)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    n_cols, n_series = len(rows[0]["tasks"]) + 1, len(rows) + 1
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * n_cols * max(1, n_series / 3), 4))
+    draw_bars(ax, rows, "teachers")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
