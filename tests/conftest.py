@@ -1,4 +1,5 @@
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from amalgam.utils import CONF_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# the image-folder check's cache (amalgam.data.verify) goes under the test session's tmp dir
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="amalgam-test-cache-")
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 
 

@@ -61,7 +61,14 @@ def tiny(root: Path, *overrides: str, out: Path | None = None):
 def teacher_cfg(root: Path, *overrides: str, out: Path | None = None):
     return make_cfg(
         "train_teacher",
-        ["teacher=tiny_a", "experiment=tiny_teachers", "logger=none", "callbacks=none", *overrides],
+        [
+            "teacher=tiny_a",
+            "experiment=tiny_teachers",
+            "logger=none",
+            "callbacks=none",
+            "overwrite=true",  # root/teachers holds random exports of these teachers
+            *overrides,
+        ],
         root,
         out,
     )
@@ -200,7 +207,7 @@ def test_corrupt_teacher_file_found_from_its_header(root, tmp_path, no_heavy_wor
     w = export(tmp_path, "tiny_a", "test_resnet", TINY["tiny_a"][1], 16)
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x00garbage" * 64)
-    with pytest.raises(ConfigError, match=r"teacher 'tiny_a' weights file .* truncated, corrupt"):
+    with pytest.raises(ConfigError, match=r"teacher 'tiny_a' weights file .* truncated or corrupt"):
         build_amalgamation(tiny(root, f"teacher_set.tiny_a.weights={w}"))
 
 
@@ -500,7 +507,7 @@ def test_code_in_teacher_weights_never_runs(tmp_path, suffix):
     p = tmp_path / f"evil{suffix}"
     torch.save({"conv1.weight": torch.zeros(1), "x": Payload(marker)}, p)
     with pytest.raises(
-        ConfigError, match=r"cannot be read safely: it holds pickled Python objects.*refused"
+        ConfigError, match=r"holds pickled Python code, not only tensors.*refused for safety"
     ):
         read_weights(p, "teacher 'evil' weights")
     assert not marker.exists()
@@ -512,7 +519,7 @@ def test_code_in_teacher_weights_refused_by_validation(root, tmp_path, no_heavy_
     torch.save({"state_dict": {"fc.weight": torch.zeros(3, 1)}, "x": Payload(marker)}, p)
     cfg = tiny(root, f"teacher_set.tiny_a.weights={p}")
     with pytest.raises(
-        ConfigError, match=r"teacher 'tiny_a' weights file .* cannot be read safely"
+        ConfigError, match=r"teacher 'tiny_a' weights file .* holds pickled Python code"
     ):
         build_amalgamation(cfg)
     assert not marker.exists()
@@ -523,7 +530,7 @@ def test_code_in_ckpt_path_never_runs(root, tmp_path):
     p = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "amalgam": {"teachers": Payload(marker)}}, p)
     with pytest.raises(
-        ConfigError, match=r"ckpt_path file '.*evil\.ckpt' cannot be read safely: it holds pickled"
+        ConfigError, match=r"ckpt_path file '.*evil\.ckpt' holds pickled Python code"
     ):
         resume_checkpoint(tiny(root, f"ckpt_path={p}"))
     assert not marker.exists()
@@ -544,3 +551,62 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(monkeypatch, 
     monkeypatch.setattr(v, "cpu_has_native_bf16", lambda: True)
     v.check_precision({"precision": "bf16-mixed", "accelerator": "cpu"})
     assert caplog.text == ""
+
+
+# ------------------------------------------------------------------------------ run values
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=nan", r"optim\.lr=nan: must be a finite number > 0; set e\.g\. optim\.lr=1e-3"),
+        ("optim.lr=0", r"optim\.lr=0: must be a finite number > 0"),
+        ("optim.lr=-1e-3", r"optim\.lr=-0\.001: must be a finite number > 0"),
+        ("optim.weight_decay=inf", r"optim\.weight_decay=inf: must be a finite number >= 0"),
+        ("optim.lr_mult.head=nan", r"optim\.lr_mult\.head=nan: must be a finite number >= 0"),
+        ("optim.betas=[0.9,1.5]", r"optim\.betas\[1\]=1\.5: must be < 1"),
+        ("trainer.max_epochs=0", r"trainer\.max_epochs=0: the network would not train"),
+        ("trainer.max_epochs=-5", r"trainer\.max_epochs=-5: the network would not train"),
+        ("trainer.max_epochs=-1", r"max_epochs=-1 without trainer\.max_steps would train forever"),
+        ("+trainer.max_steps=0", r"trainer\.max_steps=0: give -1 \(no limit\)"),
+        ("student.std=[0.5,0.0,0.5]", r"student\.std\[1\]=0\.0: must be a finite number > 0"),
+        ("teacher_set.tiny_a.std=0", r"teacher_set\.tiny_a\.std=0: must be a finite number > 0"),
+        ("teacher_set.tiny_b.mean=nan", r"teacher_set\.tiny_b\.mean=nan: must be a finite"),
+        ("seed=abc", r"seed='abc' is not an integer: set seed to an integer, e\.g\. seed=0"),
+    ],
+)
+def test_values_that_slip_through_up_front(root, no_heavy_work, override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_amalgamation(tiny(root, override))
+
+
+def test_seed_is_checked_before_anything_seeds_with_it(root):
+    with pytest.raises(ConfigError, match="seed='abc' is not an integer"):
+        check_launch(tiny(root, "seed=abc"))
+
+
+def test_teacher_std_of_zero_in_its_metadata_file(root, tmp_path, no_heavy_work):
+    import json
+
+    src = root / "teachers" / "tiny_a.safetensors"
+    dst = tmp_path / "tiny_a.safetensors"
+    dst.write_bytes(src.read_bytes())
+    meta = json.loads(src.with_suffix(".json").read_text())
+    meta["std"] = [0.0, 0.2, 0.2]
+    dst.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"teacher_set\.tiny_a\.std\[0\]=0\.0: must be"):
+        build_amalgamation(tiny(root, f"teacher_set.tiny_a.weights={dst}"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=nan", r"optim\.lr=nan: must be a finite number > 0"),
+        ("trainer.max_epochs=0", r"trainer\.max_epochs=0: the network would not train"),
+        ("teacher.std=0", r"teacher\.std=0: must be a finite number > 0"),
+        ("seed=abc", r"seed='abc' is not an integer"),
+    ],
+)
+def test_values_checked_in_teacher_training(root, no_heavy_work, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train_teacher(teacher_cfg(root, override))

@@ -23,13 +23,16 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from amalgam import report
+from amalgam import report, rundir
 from amalgam.backbone import Backbone
 from amalgam.build import build_amalgamation, build_datamodule, build_method, build_student, to_dict
 from amalgam.data import AmalgamDataModule, Source
 from amalgam.evaluation import evaluate, model_stats
 from amalgam.launch import (
     check_launch,
+    check_resume,
+    checkpoint_bytes,
+    claim_run_dir,
     make_loggers,
     method_name,
     resume_checkpoint,
@@ -42,6 +45,7 @@ from amalgam.methods.base import Method
 from amalgam.module import AmalgamModule
 from amalgam.provenance import provenance
 from amalgam.reliability import AtomicCheckpointIO, CSVLogger
+from amalgam.rundir import check_free_space
 from amalgam.tasks import ConfigError
 from amalgam.teachers.bank import TeacherBank, load_teacher_bank
 from amalgam.teachers.cache import open_or_build
@@ -460,10 +464,18 @@ class Amalgamation:
         L.seed_everything(cfg.seed, workers=True)
         out_dir = _output_dir(cfg)
         resume_from = resume_checkpoint(cfg)
-        # a resumed run takes the rule's statistics from its checkpoint instead of refitting
-        dm, module = build_amalgamation(
-            cfg, fit_rules=resume_from is None or not rule_fitted_in(resume_from)
-        )
+        claim_run_dir(cfg, out_dir, "paths.output_dir")  # one run per dir, never over a finished
+        try:
+            # a resumed run takes the rule's statistics from its checkpoint instead of refitting
+            dm, module = build_amalgamation(
+                cfg, fit_rules=resume_from is None or not rule_fitted_in(resume_from)
+            )
+            if resume_from is not None:
+                check_resume(cfg, resume_from, module)
+            check_free_space(out_dir, checkpoint_bytes(module), "paths.output_dir")
+        except BaseException:
+            rundir.release(out_dir)
+            raise
         attach_cache(cfg.get("teacher_cache"), dm, module)
         variant = variant_name(cfg)
         info = {
@@ -482,16 +494,23 @@ class Amalgamation:
         return self
 
     @classmethod
-    def load(cls, ckpt_path: PathLike, overrides: Mapping[str, Any] | None = None) -> Amalgamation:
+    def load(
+        cls,
+        ckpt_path: PathLike,
+        overrides: Mapping[str, Any] | None = None,
+        trust_targets: Sequence[str] = (),
+    ) -> Amalgamation:
         """A trained amalgamation from its checkpoint (teachers hash-checked), for evaluation.
 
         `overrides` are merged into the config stored in the checkpoint (e.g. {"data":
         {"test_limit": 100}}, or the parts a run built from Python objects could not store).
+        The stored config may name only allowed callables (`amalgam.trust`): amalgam's own, the
+        ones its configs name, and `trust_targets` (dotted names of your own classes).
         """
         from amalgam.evaluate import load_amalgamation, read_checkpoint
 
         quiet_known_warnings()
-        stored = read_checkpoint(ckpt_path)["amalgam"].get("config") or {}
+        stored = read_checkpoint(ckpt_path, trust_targets)["amalgam"].get("config") or {}
         missing = [
             k for k in ("data", "student", "method", "optim") if not (overrides or {}).get(k)
         ]
@@ -503,7 +522,9 @@ class Amalgamation:
                 + ", ".join(f"'{k}': {{...}}" for k in missing)
                 + "} or rebuild the Amalgamation and load the state dict"
             )
-        cfg, dm, module = load_amalgamation(ckpt_path, dict(overrides) if overrides else None)
+        cfg, dm, module = load_amalgamation(
+            ckpt_path, dict(overrides) if overrides else None, trust_targets
+        )
         info = {  # the extra fields of `python -m amalgam.evaluate`
             "method": method_name(cfg),
             "seed": int(cfg.seed) if cfg.get("seed") is not None else None,
@@ -570,6 +591,19 @@ class Amalgamation:
                 resume_from, {n: {"weights": p} for n, p in self.teachers.paths.items()}
             )
         module, dm = self.module, self.datamodule
+        if not rundir.holds(self.output_dir) and rundir.is_rank_zero():  # built from objects
+            rundir.claim(self.output_dir)
+            try:
+                rundir.refuse_finished(self.output_dir, resume_from)
+            except ConfigError:
+                rundir.release(self.output_dir)
+                raise
+        try:
+            return self._fit(module, dm, resume_from)
+        finally:
+            rundir.release(self.output_dir)
+
+    def _fit(self, module: AmalgamModule, dm: Any, resume_from: Path | None) -> dict[str, Any]:
         loggers = self._make_loggers(resume_from)
         module.record["wandb_id"] = wandb_id(loggers)
         callbacks = self._make_callbacks()
@@ -632,7 +666,11 @@ def _is_config(part: Any) -> bool:
     return isinstance(part, Mapping) and "_target_" in part
 
 
-def load(ckpt_path: PathLike, overrides: Mapping[str, Any] | None = None) -> Amalgamation:
+def load(
+    ckpt_path: PathLike,
+    overrides: Mapping[str, Any] | None = None,
+    trust_targets: Sequence[str] = (),
+) -> Amalgamation:
     """A trained amalgamation from `<run dir>/checkpoints/final.ckpt`: `.evaluate()`,
     `.student`. Same as `Amalgamation.load`."""
-    return Amalgamation.load(ckpt_path, overrides)
+    return Amalgamation.load(ckpt_path, overrides, trust_targets)

@@ -2,44 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from amalgam.amalgamate import final_report
-from amalgam.build import build_amalgamation
+from amalgam.build import build_amalgamation, to_dict
 from amalgam.launch import method_name
 from amalgam.module import AmalgamModule
 from amalgam.tasks import ConfigError
+from amalgam.teachers.io import torch_load_safely
+from amalgam.trust import check_untrusted_config, trust_list
 from amalgam.utils import CONF_DIR, quiet_known_warnings
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A student checkpoint of amalgam.amalgamate, loaded with weights_only=True."""
+def read_checkpoint(path: str | Path, trust_targets: Iterable[str] = ()) -> dict[str, Any]:
+    """A student checkpoint of amalgam.amalgamate, loaded with weights_only=True.
+
+    Its amalgam record (stored config, teacher metadata) is untrusted data: every `_target_`
+    in it must be on amalgam's allow-list (`amalgam.trust`) or in `trust_targets`.
+    """
     path = Path(path)
     hint = "pass <run dir>/checkpoints/final.ckpt (or last.ckpt) of an amalgam.amalgamate run"
     if not path.is_file():
         raise ConfigError(f"ckpt_path '{path}' not found: {hint}")
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"checkpoint '{path}' cannot be read safely: {e}; {hint}") from e
-    if not isinstance(ckpt, dict) or "amalgam" not in ckpt or "state_dict" not in ckpt:
+    ckpt = torch_load_safely(path, "checkpoint", f"Give {hint[5:]}.")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("amalgam"), dict):
         raise ConfigError(
             f"checkpoint '{path}' was not written by amalgam.amalgamate (no 'amalgam' record): "
             f"{hint}"
         )
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise ConfigError(f"checkpoint '{path}' holds no state_dict: {hint}")
+    check_untrusted_config(ckpt["amalgam"], f"checkpoint '{path}'", trust_targets, "amalgam")
     return ckpt
 
 
 def load_amalgamation(
-    ckpt_path: str | Path, overrides: dict[str, Any] | None = None
+    ckpt_path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    trust_targets: Iterable[str] = (),
 ) -> tuple[DictConfig, Any, AmalgamModule]:
-    """(config, datamodule, eval-mode module) rebuilt from a checkpoint; teachers hash-checked."""
-    ckpt = read_checkpoint(ckpt_path)
+    """(config, datamodule, eval-mode module) rebuilt from a checkpoint; teachers hash-checked.
+
+    `overrides` come from the caller (trusted); the stored config is checked by read_checkpoint.
+    """
+    ckpt = read_checkpoint(ckpt_path, trust_targets)
     rec = ckpt["amalgam"]
     cfg = OmegaConf.create(rec["config"])
     for name, t in rec["teachers"].items():
@@ -68,10 +79,11 @@ def evaluate_checkpoint(
     ckpt_path: str | Path,
     out_dir: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    trust_targets: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Rebuild teachers (hash-checked), student and method from a checkpoint; evaluate."""
     quiet_known_warnings()
-    cfg, dm, module = load_amalgamation(ckpt_path, overrides)
+    cfg, dm, module = load_amalgamation(ckpt_path, overrides, trust_targets)
     hashes = module.teachers.hashes()
     extra = {
         "method": method_name(cfg),
@@ -87,7 +99,8 @@ def evaluate_checkpoint(
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     overrides = OmegaConf.to_container(cfg.overrides) if cfg.get("overrides") else None
-    evaluate_checkpoint(cfg.ckpt_path, cfg.get("output_dir"), overrides)
+    trusted = trust_list(to_dict(cfg.get("trust_targets")))
+    evaluate_checkpoint(cfg.ckpt_path, cfg.get("output_dir"), overrides, trusted)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import timm
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save
 
 from amalgam.backbone import Backbone
@@ -23,6 +24,7 @@ from amalgam.evaluate import read_checkpoint
 from amalgam.report.run import HEADER, atomic_write, md_table, rows
 from amalgam.tasks import ConfigError, LabelSpace
 from amalgam.teachers.io import load_into, state_dict_hash
+from amalgam.trust import trust_list
 from amalgam.utils import CONF_DIR, log, quiet_known_warnings
 
 STUDENT_PREFIX = "student.model."
@@ -262,6 +264,7 @@ def export_student(
     out_dir: str | Path | None = None,
     name: str = "student",
     verify: bool = True,
+    trust_targets: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write `<name>.safetensors`, `.json` and `.md` (default dir: `<run dir>/export`)."""
     quiet_known_warnings()
@@ -273,7 +276,7 @@ def export_student(
     if not name or Path(name).name != name or name.startswith("."):
         raise ConfigError(f"name '{name}' must be a plain file name such as name=student")
     ckpt_path = Path(ckpt_path)
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, trust_targets)
     student, space = rebuild_student(ckpt, str(ckpt_path))
     sd = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
     out = Path(out_dir) if out_dir else ckpt_path.parent.parent / "export"
@@ -299,7 +302,11 @@ def export_student(
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     paths = export_student(
-        cfg.get("ckpt_path"), cfg.get("out_dir"), cfg.get("name") or "student", cfg.verify
+        cfg.get("ckpt_path"),
+        cfg.get("out_dir"),
+        cfg.get("name") or "student",
+        cfg.verify,
+        trust_list(OmegaConf.to_container(cfg.trust_targets) if cfg.get("trust_targets") else []),
     )
     for p in paths.values():
         print(p)

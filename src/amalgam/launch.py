@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from torch import nn
 
+from amalgam import rundir
 from amalgam.build import to_dict
 from amalgam.tasks import ConfigError
+from amalgam.teachers.io import torch_load_safely
 from amalgam.utils import log
-from amalgam.validate import check_checkpoint, check_run_dirs
+from amalgam.validate import check_checkpoint, check_run_dirs, check_seed, check_writable_dir
 
 
 def hydra_mode() -> RunMode | None:
@@ -40,6 +46,7 @@ def variant_name(cfg: DictConfig) -> str:
 def check_launch(cfg: DictConfig) -> None:
     """Refuse a DDP trainer that would spawn children inside a Hydra multirun (STACK.md), and
     directories the run cannot write."""
+    check_seed(cfg.get("seed", 0))  # before anything seeds the RNGs with it
     check_run_dirs(cfg)
     t = cfg.trainer
     strategy = str(t.get("strategy", "auto"))
@@ -85,7 +92,7 @@ class ResumeState(NamedTuple):
 
 @functools.lru_cache(maxsize=4)
 def _resume_state(path: str, mtime_ns: int, size: int) -> ResumeState:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch_load_safely(path, "ckpt_path")
     sd = ckpt.get("state_dict", {})
     return ResumeState(
         step=int(ckpt["global_step"]),
@@ -143,3 +150,177 @@ def wandb_id(loggers: list[Any]) -> str | None:
         if type(lg).__name__ == "WandbLogger":
             return str(lg.experiment.id)  # starts the run now, so the id is known
     return None
+
+
+# ------------------------------------------------------------------------------ the run dir
+
+
+def resume_path_of(cfg: DictConfig, run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `ckpt_path` names (None: a fresh run; `last` without a file: fresh)."""
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        return None
+    if str(ckpt) == "last":
+        path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        return path if path.is_file() else None
+    return Path(str(ckpt))
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: str | os.PathLike, key: str) -> None:
+    """Writable, not in use by another process, and not a finished run a new run would
+    overwrite (`key`: the config key that sets `run_dir`, for the messages)."""
+    check_writable_dir(run_dir, key, run_dir)
+    if not rundir.is_rank_zero():
+        return
+    rundir.claim(run_dir)
+    try:
+        rundir.refuse_finished(run_dir, resume_path_of(cfg, run_dir))
+    except ConfigError:
+        rundir.release(run_dir)
+        raise
+
+
+class Preflight(Callback):
+    """Hydra callback: checks the run dir of an amalgamation run before Hydra writes into it.
+
+    Hydra creates the run dir and writes `.hydra/` before the task function runs, so a
+    read-only dir, a dir under a regular file or a dir held by another run would otherwise end
+    in Hydra's raw OSError, or in a second run overwriting the first's stored config. A sweep
+    dir is checked for writability at the multirun's start; each job's dir by the job itself.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = str(config.hydra.run.dir)
+        with _exit_on_config_error():
+            if kwargs.get("config_name") == "amalgamate":  # the others write no checkpoints
+                claim_run_dir(config, run_dir, "hydra.run.dir")
+            else:
+                check_writable_dir(run_dir, "hydra.run.dir", run_dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = str(config.hydra.sweep.dir)
+        with _exit_on_config_error():
+            check_writable_dir(sweep_dir, "hydra.sweep.dir", sweep_dir)
+
+
+@contextlib.contextmanager
+def _exit_on_config_error() -> Iterator[None]:
+    """Hydra turns an exception in a callback into a warning and runs on; a refusal must stop
+    the run: its message on stderr, one line, and exit status 2 (a usage error)."""
+    try:
+        yield
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def checkpoint_bytes(module: nn.Module) -> int:
+    """Disk a run's checkpoints take: weights and optimizer state (Adam: two moments) of every
+    saved tensor, for last.ckpt, final.ckpt, the best epoch's file and one temporary copy."""
+    tensors = list(module.state_dict().values())
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    return 4 * 3 * weights
+
+
+# ------------------------------------------------------------------------------ resume checks
+
+# keys that do not change what a resumed run computes (paths, where logs go, loader workers)
+RESUME_IGNORED = (
+    "ckpt_path",
+    "resume_changes",
+    "trust_targets",
+    "paths",
+    "hydra",
+    "logger",
+    "callbacks",
+    "teacher_cache.dir",
+    "data.num_workers",
+    "data.persistent_workers",
+    "data.pin_memory",
+    "trainer.enable_progress_bar",
+    "trainer.default_root_dir",
+    "optimized_metric",
+)
+# a change of these keys means the checkpoint's optimizer state belongs to another optimizer
+OPTIMIZER_KEYS = ("optim.name", "optim._target_")
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping) and node:
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, node
+
+
+def _ignored(key: str) -> bool:
+    if key.startswith("teacher_set.") and key.endswith(".weights"):
+        return True  # teacher files are compared by hash (check_checkpoint)
+    return any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED)
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) of every leaf that differs."""
+    a, b = dict(_leaves(old)), dict(_leaves(new))
+    keys = sorted(k for k in set(a) | set(b) if not _ignored(k))
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys if a.get(k) != b.get(k)]
+
+
+def _shown(changes: list[tuple[str, Any, Any]], n: int = 8) -> str:
+    parts = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:n]]
+    more = f" (+{len(changes) - n} more)" if len(changes) > n else ""
+    return "; ".join(parts) + more
+
+
+def state_mismatch(module: nn.Module, state: Mapping[str, Any]) -> list[str]:
+    """Why `state` (a checkpoint's state_dict) cannot load into `module` (teachers excluded).
+
+    Loads it for real (Lightning loads the same tensors again when the fit starts), so that the
+    module's own load hooks (e.g. a full-kernel CFL block read as its centre tap) are honoured.
+    """
+    try:
+        missing, unexpected = module.load_state_dict(dict(state), strict=False)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        return lines[:3] or [str(e).splitlines()[0][:200]]
+    out = [f"missing {k}" for k in missing if not k.startswith("teachers.")][:3]
+    return out + [f"unexpected {k}" for k in unexpected if not k.startswith("teachers.")][:3]
+
+
+def check_resume(cfg: DictConfig, ckpt: Path, module: nn.Module) -> list[tuple[str, Any, Any]]:
+    """Compare the checkpoint's stored config and tensors with this run's, before any work.
+
+    Refused: tensors that do not fit the rebuilt student/method, or another optimizer. Any other
+    change (learning rate, epochs, loss weights, data) needs `+resume_changes=allow`: the
+    resumed run then differs from an uninterrupted one. Returns the allowed changes.
+    """
+    stored = torch_load_safely(ckpt, "ckpt_path")
+    old = ((stored.get("amalgam") or {}).get("config")) or {}
+    new = to_dict(cfg)
+    # a run built from Python objects stores only some groups: compare those
+    new = {k: v for k, v in new.items() if old.get(k) is not None}
+    changes = config_changes(old, new)
+    fresh = "start afresh with ckpt_path=null (in a new run dir)"
+    mismatch = state_mismatch(module, stored.get("state_dict") or {})
+    other_optim = [c for c in changes if c[0] in OPTIMIZER_KEYS]
+    if mismatch or other_optim:
+        why = (
+            f"its tensors do not fit this run's student and method ({', '.join(mismatch)})"
+            if mismatch
+            else "its optimizer state belongs to another optimizer"
+        )
+        raise ConfigError(
+            f"ckpt_path '{ckpt}' cannot be resumed with this config: {why}. Changed since the "
+            f"checkpoint: {_shown(changes) or 'nothing in the config'}. Resume with the config "
+            f"it was trained with, or {fresh}"
+        )
+    if changes and str(cfg.get("resume_changes", "")) != "allow":
+        raise ConfigError(
+            f"ckpt_path '{ckpt}' was trained with another config; changed: {_shown(changes)}. "
+            "A resume continues that run as it was: drop these overrides, or add "
+            f"+resume_changes=allow to resume with them (the result then differs from an "
+            f"uninterrupted run), or {fresh}"
+        )
+    if changes:
+        log.warning("resuming %s with changes (resume_changes=allow): %s", ckpt, _shown(changes))
+    return changes

@@ -65,7 +65,8 @@ def train_teacher(cfg: DictConfig) -> Path:
                 "provenance": provenance(),
             },
         )
-        path = export_teacher(net.model, meta, Path(str(t.weights)).parent)
+        overwrite = bool(cfg.get("overwrite", False))
+        path = export_teacher(net.model, meta, path=Path(str(t.weights)), overwrite=overwrite)
     finally:
         finish_loggers(loggers)
     log.info(

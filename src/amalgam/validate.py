@@ -29,6 +29,7 @@ from amalgam.data import sources
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
 from amalgam.teachers.io import (
     check_fit,
+    check_new_teacher_file,
     match_keys,
     read_meta,
     resolve_meta,
@@ -173,6 +174,92 @@ def check_method(method: Mapping[str, Any]) -> type:
     return cls
 
 
+# ------------------------------------------------------------------------------ run values
+
+
+def _finite(value: Any, key: str, low: float, low_ok: bool, example: str) -> float:
+    """A finite number above `low` (or equal with low_ok) at `key`."""
+    v = _number(value, key)
+    if not math.isfinite(v) or v < low or (v == low and not low_ok):
+        bound = f">= {low:g}" if low_ok else f"> {low:g}"
+        raise ConfigError(f"{key}={value}: must be a finite number {bound}; set e.g. {example}")
+    return v
+
+
+def check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r} is not an integer: set seed to an integer, e.g. seed=0")
+
+
+def check_optim(optim: Mapping[str, Any] | None) -> None:
+    """Learning rate, weight decay, lr multipliers, betas, momentum: finite and in range."""
+    optim = optim or {}
+    if "lr" in optim:
+        _finite(optim["lr"], "optim.lr", 0, False, "optim.lr=1e-3")
+    if optim.get("weight_decay") is not None:
+        _finite(optim["weight_decay"], "optim.weight_decay", 0, True, "optim.weight_decay=1e-4")
+    if optim.get("momentum") is not None:
+        _finite(optim["momentum"], "optim.momentum", 0, True, "optim.momentum=0.9")
+    for k, v in (optim.get("lr_mult") or {}).items():
+        _finite(v, f"optim.lr_mult.{k}", 0, True, f"optim.lr_mult.{k}=1.0")
+    for i, b in enumerate(optim.get("betas") or []):
+        v = _finite(b, f"optim.betas[{i}]", 0, True, "optim.betas=[0.9,0.999]")
+        if v >= 1:
+            raise ConfigError(f"optim.betas[{i}]={b}: must be < 1; set optim.betas=[0.9,0.999]")
+
+
+def check_trainer_length(trainer: Mapping[str, Any] | None) -> None:
+    """A run must train: max_epochs >= 1 (or -1 with max_steps), max_steps -1 or >= 1."""
+    trainer = trainer or {}
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if steps is not None and not (isinstance(steps, int) and (steps == -1 or steps >= 1)):
+        raise ConfigError(
+            f"trainer.max_steps={steps!r}: give -1 (no limit) or a number of steps >= 1"
+        )
+    if epochs is None:
+        return
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs == 0 or epochs < -1:
+        raise ConfigError(
+            f"trainer.max_epochs={epochs!r}: the network would not train (its results would "
+            "be those of an untrained network); set trainer.max_epochs >= 1"
+        )
+    if epochs == -1 and (steps is None or steps == -1):
+        raise ConfigError(
+            "trainer.max_epochs=-1 without trainer.max_steps would train forever; set "
+            "trainer.max_epochs >= 1 or trainer.max_steps >= 1"
+        )
+
+
+def check_norm(mean: Any, std: Any, key: str) -> None:
+    """Normalisation of one network: finite means, finite stds > 0 (a std of 0 divides by 0)."""
+    for name, values, low in (("mean", mean, None), ("std", std, 0.0)):
+        if values is None:
+            continue
+        items = values if isinstance(values, Sequence) and not isinstance(values, str) else [values]
+        for i, v in enumerate(items):
+            k = f"{key}.{name}" + (f"[{i}]" if len(items) > 1 else "")
+            x = _number(v, k)
+            if not math.isfinite(x) or (low is not None and x <= low):
+                need = (
+                    "a finite number > 0 (images are divided by it)"
+                    if low is not None
+                    else ("a finite number")
+                )
+                raise ConfigError(
+                    f"{k}={v}: must be {need}; fix {key}.{name}, or set it to null for the "
+                    "network's own (timm's pretrained config, else ImageNet's)"
+                )
+
+
+def check_run_values(cfg: Mapping[str, Any]) -> None:
+    """Seed, optimiser and training length: values Hydra accepts but that would fail (or train
+    nothing) deep inside the run."""
+    if "seed" in cfg:
+        check_seed(cfg["seed"])
+    check_optim(cfg.get("optim"))
+    check_trainer_length(cfg.get("trainer"))
+
+
 # ------------------------------------------------------------------------------ directories
 
 
@@ -268,14 +355,8 @@ def _bound(fn: Callable[..., Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _count_images(directory: Path, classes: list[str]) -> list[int]:
-    return [
-        sum(
-            f.lower().endswith(sources.IMAGE_EXTENSIONS)
-            for _, _, names in os.walk(directory / c, followlinks=True)
-            for f in names
-        )
-        for c in classes
-    ]
+    """Image files per class, listed as the source lists them (hidden files skipped), no decode."""
+    return [len(sources.image_files(directory / c)) for c in classes]
 
 
 def data_facts(src: Any) -> DataFacts:
@@ -303,7 +384,7 @@ def data_facts(src: Any) -> DataFacts:
         d = Path(str(a.get("train_dir"))).expanduser()
         if a.get("train_dir") is None or not d.is_dir():
             return DataFacts("image_folder", None, None, 3)  # the source says what is wrong
-        classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
+        classes = sources.class_dirs(d)
         return DataFacts("image_folder", classes, _count_images(d, classes), 3)
     if fn is sources.concat:
         subs = [data_facts(s) for s in a.get("sources") or []]
@@ -500,6 +581,9 @@ def check_teacher(
     )
     key = f"teacher_set.{name}"
     who = f"teacher '{name}' ({meta.arch})"
+    mean = t.get("mean") if t.get("mean") is not None else meta.mean
+    std = t.get("std") if t.get("std") is not None else meta.std
+    check_norm(mean, std, key)  # the config's values, else its metadata file's
     check_channels(
         channels,
         meta.in_chans,
@@ -653,6 +737,17 @@ def check_precision(trainer: Mapping[str, Any] | None) -> None:
         )
 
 
+def _run_values(cfg: DictConfig) -> dict[str, Any]:
+    """seed, optim and the trainer's length keys, resolved (the rest of the trainer config may
+    need Hydra's runtime)."""
+    trainer = cfg.get("trainer") or {}
+    return {
+        **({"seed": cfg.seed} if "seed" in cfg else {}),
+        "optim": to_dict(cfg.get("optim")),
+        "trainer": {k: trainer.get(k) for k in ("max_epochs", "max_steps") if k in trainer},
+    }
+
+
 def validate_amalgamation(cfg: DictConfig) -> None:
     """Every cheap check of an amalgamation config; raises ConfigError on the first failure."""
     method = to_dict(cfg.method)
@@ -660,9 +755,11 @@ def validate_amalgamation(cfg: DictConfig) -> None:
     student = to_dict(cfg.student)
     teacher_set = to_dict(cfg.get("teacher_set")) or {}
     # 1. the config alone
+    check_run_values(_run_values(cfg))
     method_cls = check_method(method)
     check_data_keys(data)
     check_keys(student, STUDENT_KEYS, "student")
+    check_norm(student.get("mean"), student.get("std"), "student")
     trainer = cfg.get("trainer") or {}  # two keys only: the rest may need Hydra's runtime
     check_precision({k: trainer.get(k) for k in ("precision", "accelerator") if k in trainer})
     for name, t in teacher_set.items():
@@ -702,13 +799,21 @@ def validate_teacher_training(cfg: DictConfig) -> None:
     t = to_dict(cfg.teacher)
     data = to_dict(cfg.data)
     name = str(t.get("name"))
+    check_run_values(_run_values(cfg))
     check_keys(t, TEACHER_KEYS, "teacher")
+    check_norm(t.get("mean"), t.get("std"), "teacher")
     check_data_keys(data)
     out = _output_dir(cfg)
     if out:
         check_writable_dir(out, "paths.output_dir")
-    if t.get("weights"):
-        check_writable_dir(Path(str(t["weights"])).parent, "teacher.weights", t["weights"])
+    if not t.get("weights"):
+        raise ConfigError(
+            f"teacher.weights is empty: set where the trained teacher goes, e.g. "
+            f"teacher.weights=teachers/{name}.safetensors"
+        )
+    check_writable_dir(Path(str(t["weights"])).parent, "teacher.weights", t["weights"])
+    if not cfg.get("overwrite", False):
+        check_new_teacher_file(str(t["weights"]), "teacher.weights")
     check_data_dirs(data)
     check_arch(str(t["arch"]), "teacher.arch")
     facts = data_facts(data.get("source"))

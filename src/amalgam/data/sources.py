@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from amalgam.data.verify import describe_error, find_bad_images
 from amalgam.tasks import ConfigError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -30,6 +31,7 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_LISTED_BAD_FILES = 10
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -79,11 +81,17 @@ class Source:
 
 
 def load_image(path: str) -> torch.Tensor:
-    """Read an image file as an RGB uint8 tensor [3, H, W]."""
+    """Read an image file as an RGB uint8 tensor [3, H, W]; a failure names the file."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as e:
+        raise ConfigError(
+            f"image file '{path}' cannot be decoded ({describe_error(e)}); did it change after "
+            "the data set was built? Delete or replace it, or move it out of the class folder"
+        ) from e
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -245,22 +253,39 @@ def cifar100(root: str | None, download: bool = True) -> Source:
 # ---------------------------------------------------------------- image folders
 
 
+def image_files(directory: str | Path) -> list[str]:
+    """Sorted paths of the image files under `directory`, links followed.
+
+    Hidden files and directories (a leading '.', which covers macOS `._*` AppleDouble files
+    and `.ipynb_checkpoints`) are skipped.
+    """
+    files = []
+    for base, dirs, names in os.walk(directory, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [
+            str(Path(base) / f)
+            for f in names
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return sorted(files)
+
+
+def class_dirs(directory: str | Path) -> list[str]:
+    """The class sub-directories of an image-folder tree, sorted; hidden ones skipped."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name[0] != ".")
+
+
 def _folder_split(directory: str, which: str) -> Split:
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise ConfigError(f"image_folder: {which}_dir '{directory}' is not a directory")
-    classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
+    classes = class_dirs(d)
     if not classes:
         raise ConfigError(f"image_folder: {which}_dir '{directory}' has no class sub-directories")
     paths: list[str] = []
     targets: list[int] = []
     for label, cls in enumerate(classes):
-        files = sorted(
-            str(Path(base) / f)
-            for base, _, names in os.walk(d / cls, followlinks=True)
-            for f in names
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files = image_files(d / cls)
         if not files:
             raise ConfigError(
                 f"image_folder: class '{cls}' in {which}_dir '{directory}' holds no image files "
@@ -271,8 +296,33 @@ def _folder_split(directory: str, which: str) -> Split:
     return Split(classes, torch.tensor(targets, dtype=torch.long), None, paths)
 
 
+def _bad_files_error(bad: list[tuple[str, str]]) -> ConfigError:
+    """One message naming the first bad files, their count and the fix."""
+    n, limit = len(bad), MAX_LISTED_BAD_FILES
+    shown = "; ".join(f"{path} ({why})" for path, why in bad[:limit])
+    more = f"; and {n - limit} more" if n > limit else ""
+    files = "file" if n == 1 else "files"
+    return ConfigError(
+        f"image_folder: {n} {files} with an image extension cannot be decoded: "
+        f"{shown}{more}. Delete or replace them, or move them out of the class folders"
+    )
+
+
+def _check_files(splits: dict[str, tuple[str, Split]]) -> None:
+    """Decode every file of the splits once (cached); raise one error naming all bad files."""
+    bad: list[tuple[str, str]] = []
+    for which, (directory, split) in splits.items():
+        bad += find_bad_images(directory, split.paths or [], f"checking {which}_dir images")
+    if bad:
+        raise _bad_files_error(bad)
+
+
 def image_folder(train_dir: str | None = None, test_dir: str | None = None) -> Source:
-    """Two ImageFolder trees (one sub-directory per class); images are read lazily."""
+    """Two ImageFolder trees (one sub-directory per class); images are read lazily.
+
+    Every file is decoded once here (remembered by path, size and mtime, see
+    `amalgam.data.verify`), so a bad file stops the build instead of an epoch.
+    """
     if train_dir is None or test_dir is None:
         raise ConfigError(
             "image_folder: set both data.source.train_dir and data.source.test_dir "
@@ -287,6 +337,7 @@ def image_folder(train_dir: str | None = None, test_dir: str | None = None) -> S
             f"image_folder: train and test class directories differ: only in train {only_train}, "
             f"only in test {only_test}"
         )
+    _check_files({"train": (train_dir, train), "test": (test_dir, test)})
     return Source("image_folder", train, test)
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,25 +69,42 @@ def meta_path(weights: str | os.PathLike) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+# what torch's weights-only unpickler says when a file holds more than tensors: a global it
+# refuses ("Unsupported global: GLOBAL getattr ...", "unsupported GLOBAL posix.system whose
+# module posix is blocked") or an opcode it does not run ("Unsupported operand 149")
+_PICKLED_CODE = re.compile(
+    r"(Unsupported global: [^\n]*?\.(?=\s|$)|unsupported GLOBAL [^\n]*?(?=\.?\s*$|\.\s)"
+    r"|Unsupported operand \d+|WeightsUnpickler error: [^\n]+)",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
 def _unreadable(path: Path, what: str, e: Exception, fix: str = "") -> ConfigError:
+    """One line for a file torch or safetensors cannot read safely. torch's own message advises
+    re-running with weights_only=False, which would run the file's code: it is never shown."""
     fix = fix or "Re-export it as safetensors."
-    refused = re.search(r"WeightsUnpickler error: (.*?\.)(\s|$)", str(e))
-    if refused:
+    text = str(e)
+    refused = _PICKLED_CODE.search(text)
+    if refused or "Weights only load failed" in text:
+        reason = refused.group(1).strip().rstrip(".") if refused else "a non-tensor object"
         return ConfigError(
-            f"{what} file '{path}' cannot be read safely: it holds pickled Python objects, not "
-            f"only tensors ({refused.group(1)}), and unpickling them could run code: refused "
-            f"(untrusted code). {fix}"
+            f"{what} file '{path}' holds pickled Python code, not only tensors ({reason}): "
+            f"refused for safety, since unpickling it could run that code. {fix}"
         )
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = first.split(". ")[0][:200]  # torch's first sentence; the rest is its advice
     return ConfigError(
-        f"{what} file '{path}' cannot be read safely ({type(e).__name__}: {str(e)[:200]}). "
-        f"It is truncated, corrupt, or needs full pickle (refused: untrusted code). {fix}"
+        f"{what} file '{path}' cannot be read safely ({type(e).__name__}: {first}). "
+        f"It is truncated or corrupt. {fix}"
     )
 
 
 def torch_load_safely(path: str | os.PathLike, what: str, fix: str = "") -> Any:
     """torch.load with weights_only=True (tensors and plain containers only, never code)."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": the error says more
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise _unreadable(Path(path), what, e, fix) from e
 
@@ -238,22 +256,54 @@ def load_into(
     model.load_state_dict(sd, strict=True)
 
 
-def export_teacher(model: nn.Module, meta: TeacherMeta, directory: str | os.PathLike) -> Path:
-    """Write `<name>.safetensors` and `<name>.json`; returns the weights path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def export_teacher(
+    model: nn.Module,
+    meta: TeacherMeta,
+    directory: str | os.PathLike | None = None,
+    *,
+    path: str | os.PathLike | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write the weights (safetensors) and their metadata (`.json` beside them); returns the
+    weights path: `path` if given, else `<directory>/<name>.safetensors`. With
+    `overwrite=False` an existing teacher file is refused (`check_new_teacher_file`)."""
+    if path is None:
+        if directory is None:
+            raise ValueError("export_teacher: give a directory or a path")
+        path = Path(directory) / f"{meta.name}.safetensors"
+    path = Path(path)
+    if not overwrite:
+        check_new_teacher_file(path, "teacher.weights")
+    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta.sha256 = state_dict_hash(sd)
     if meta.mean is None or meta.std is None:
         meta.mean, meta.std = default_norm(model)
-    path = directory / f"{meta.name}.safetensors"
-    tmp = path.with_suffix(".safetensors.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(sd, str(tmp), metadata={"amalgam": json.dumps(asdict(meta))})
     os.replace(tmp, path)
-    mtmp = meta_path(path).with_suffix(".json.tmp")
+    mtmp = meta_path(path).with_name(f".{meta_path(path).name}.{os.getpid()}.tmp")
     mtmp.write_text(json.dumps(asdict(meta), indent=2))
     os.replace(mtmp, meta_path(path))
     return path
+
+
+def check_new_teacher_file(path: str | os.PathLike, key: str) -> None:
+    """Where a teacher is exported: a .safetensors path whose weights and metadata files do
+    not exist yet (an existing teacher is replaced only with overwrite=true)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(
+            f"{key}='{path}': a teacher is exported as safetensors; give a path ending in "
+            f"'.safetensors' (e.g. {key}={path.with_suffix('.safetensors')})"
+        )
+    existing = [p for p in (path, meta_path(path)) if p.exists()]
+    if existing:
+        raise ConfigError(
+            f"{key}='{path}': a teacher already exists there ({', '.join(map(str, existing))}); "
+            f"training would replace it. Give another path ({key}=<new file>.safetensors), "
+            "delete it, or add overwrite=true to replace it"
+        )
 
 
 def read_meta(weights: str | os.PathLike) -> dict[str, Any] | None:
