@@ -56,7 +56,8 @@ class AmalgamModule(L.LightningModule):
         self.record = dict(record or {})
         self.space = teachers.space
         self.strict_loading = False
-        # set by the caller to read teacher outputs from a cache: (device, rank, world, barrier)
+        # set by the caller to read teacher outputs from a cache: (device, rank, world, barrier,
+        # broadcast)
         # -> TeacherCache; opened in on_fit_start, once the ranks exist
         self.cache_spec: Callable[..., Any] | None = None
         self.cache: Any = None
@@ -86,6 +87,7 @@ class AmalgamModule(L.LightningModule):
                 rank=self.global_rank,
                 world=self.trainer.world_size,
                 barrier=self.trainer.strategy.barrier,
+                broadcast=self.trainer.strategy.broadcast,
             )
 
     def losses(

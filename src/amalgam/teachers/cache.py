@@ -5,13 +5,22 @@ A directory's name is a hash of everything that determines its content: the teac
 hash and preprocessing, the feature levels, the data set, the image ids and the view transform.
 Its `manifest.json` is written last (a completion marker) and records shapes and checksums; a
 partial or corrupt cache fails verification and is rebuilt, never used.
+
+Jobs that share a cache (a sweep, a SLURM array) build each directory once: its builder holds
+`.<dir>.lock` next to it (an OS file lock: released when the process ends, however it ends) and
+builds in a temporary `<dir>.building.<host>.<pid>.<random>`, renamed into place when complete.
+The others wait on the lock and then reuse what it built; a killed builder's lock is free at
+once, and its temporary directory is removed by the next job that takes the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,14 +30,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from rich.progress import Progress
 
+from amalgam.reliability import _HOST, _pid_alive
 from amalgam.teachers.bank import TeacherBank, TeacherOutputs
 from amalgam.utils import log
 
 FORMAT = 2
 ARRAYS = "[lf]*.npy"  # logits.npy, feat<j>.npy (not the view table)
 IN_MEMORY_BYTES = 2 << 30  # arrays below this size are read into RAM instead of memory-mapped
+BUILDING = ".building"  # a cache dir's temporary build dirs: <dir>.building.<host>.<pid>.<random>
+LOCK_POLL_S = 5.0  # a waiting rank 0 retries a build lock this often; its ranks meet in between
 
 
 def digest(obj: Any) -> str:
@@ -57,6 +70,11 @@ def teacher_key(bank: TeacherBank, name: str, data_key: Mapping[str, Any]) -> di
     }
 
 
+def cache_dir(root: Path, bank: TeacherBank, name: str, key: Mapping[str, Any]) -> Path:
+    """The directory of teacher `name`'s cache for `key` (its teacher_key) under `root`."""
+    return root / f"{name}-{bank.metas[name].sha256[:12]}-{digest(key)[:16]}"
+
+
 def row_index(ids: torch.Tensor) -> torch.Tensor:
     """Row of each image id in the cache arrays (-1 for ids outside the pool)."""
     row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
@@ -65,6 +83,12 @@ def row_index(ids: torch.Tensor) -> torch.Tensor:
 
 
 ViewFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Broadcast = Callable[[Any], Any]  # an object -> rank 0's object (every rank calls it)
+
+
+def _same(obj: Any) -> Any:
+    """The broadcast of a single process."""
+    return obj
 
 
 class TeacherCache:
@@ -230,41 +254,159 @@ def write_manifest(d: Path, key: Mapping[str, Any], views: int = 1) -> None:
     os.replace(tmp, d / "manifest.json")
 
 
-def open_or_build(
-    root: str | Path,
+def lock_path(d: Path) -> Path:
+    """The build lock of cache dir `d`: a hidden file next to it, never deleted (every job must
+    lock the same file)."""
+    return d.with_name(f".{d.name}.lock")
+
+
+def new_build_dir(d: Path) -> Path:
+    """A fresh temporary directory name to build `d` in, naming this host and process."""
+    return d.with_name(f"{d.name}{BUILDING}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
+def build_dirs(d: Path) -> list[tuple[Path, str, int]]:
+    """The temporary build dirs of `d` there are now, each with the host and pid that made it."""
+    pattern = re.compile(rf"^{re.escape(d.name + BUILDING)}\.([A-Za-z0-9_-]+)\.(\d+)\.[0-9a-f]+$")
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(d.parent):
+            if m := pattern.match(entry.name):
+                found.append((Path(entry.path), m.group(1), int(m.group(2))))
+    return found
+
+
+def remove_stale_builds(d: Path) -> list[Path]:
+    """Delete the build dirs of `d` that killed jobs on this host left (their pid is gone), and
+    the fixed `<dir>.building` of earlier versions; returns them. Call it holding d's lock.
+    Build dirs of other hosts are kept: whether their process lives cannot be told from here."""
+    stale = [
+        p
+        for p, host, pid in build_dirs(d)
+        if host == _HOST and pid != os.getpid() and not _pid_alive(pid)
+    ]
+    legacy = d.with_name(d.name + BUILDING)
+    stale += [legacy] if legacy.is_dir() else []
+    for p in stale:
+        log.info("teacher cache: removing %s, left by a build that was killed", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _holder(d: Path) -> str:
+    """Who builds `d`, as its build dirs tell: 'host <h>, pid <p>' (or that no dir is made yet)."""
+    jobs = [f"host {host}, pid {pid}" for _, host, pid in build_dirs(d)]
+    return "; ".join(jobs) or "no build dir made yet"
+
+
+def _try_lock(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=LOCK_POLL_S)
+    except Timeout:
+        return False
+    return True
+
+
+def acquire_build_lock(d: Path, rank: int, broadcast: Broadcast) -> FileLock | None:
+    """Take the build lock of cache dir `d` on rank 0 (returned; None on the other ranks),
+    however long another job holds it.
+
+    No timeout: the lock is the operating system's, freed when its holder ends, however it ends,
+    so the wait ends when the other build is done or dead; a build can take hours, and a timeout
+    would fail healthy jobs. A wait is logged once, naming the holder. The ranks of a DDP job
+    meet in `broadcast` after each try of LOCK_POLL_S seconds, so none of its collectives waits
+    longer than that (a single long one would hit the process group's timeout).
+    """
+    lock = FileLock(lock_path(d)) if rank == 0 else None
+    waiting = False
+    while not broadcast(lock is not None and _try_lock(lock)):
+        if lock is not None and not waiting:
+            log.info("teacher cache: waiting for %s, built by another job (%s)", d, _holder(d))
+            waiting = True
+    return lock
+
+
+def manifest_stamp(d: Path) -> tuple[int, int, int] | None:
+    """Identifies the manifest of `d` (inode, mtime, size; None without one): a new one means
+    another job has written the cache since."""
+    try:
+        st = (d / "manifest.json").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def failing(
+    dirs: Mapping[str, Path], keys: Mapping[str, Mapping[str, Any]]
+) -> dict[str, tuple[int, int, int] | None]:
+    """The caches that fail verification, each with its manifest_stamp from before the check."""
+    stamps = {n: manifest_stamp(d) for n, d in dirs.items()}
+    return {n: stamps[n] for n in dirs if not verify(dirs[n], keys[n])}
+
+
+def lock_missing(
+    dirs: Mapping[str, Path],
+    keys: Mapping[str, Mapping[str, Any]],
+    seen: Mapping[str, tuple[int, int, int] | None],
+    rank: int,
+    broadcast: Broadcast,
+) -> tuple[dict[str, Path], list[FileLock]]:
+    """Lock the caches that failed verification (`seen`: their manifest_stamp then) and keep
+    those still missing: a job we waited for built the others.
+
+    Locks are taken in path order, so that two jobs never hold one each and wait for the other.
+    A cache with a new manifest is checked without checksums while its lock is held (the job
+    that wrote it just computed them), so that many waiting jobs pass the lock on in turn in
+    moments, not one full read of the cache each. Returns the temporary build dir of each cache
+    to build (rank 0's names, on every rank) and the locks rank 0 holds for them.
+    """
+    locks: list[FileLock] = []
+    missing = set()
+    try:
+        for n in sorted(seen, key=lambda n: dirs[n].name):
+            lock = acquire_build_lock(dirs[n], rank, broadcast)
+            if lock is None:
+                continue
+            remove_stale_builds(dirs[n])
+            new = manifest_stamp(dirs[n]) not in (None, seen[n])
+            if verify(dirs[n], keys[n], checksums=not new):
+                lock.release()
+            else:
+                locks.append(lock)
+                missing.add(n)
+        tmp = {n: new_build_dir(dirs[n]) for n in seen if n in missing} if rank == 0 else None
+        return broadcast(tmp), locks
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+
+
+def build(
     bank: TeacherBank,
-    data_key: Mapping[str, Any],
+    keys: Mapping[str, Mapping[str, Any]],
+    dirs: Mapping[str, Path],
+    tmp: Mapping[str, Path],
     ids: torch.Tensor,
     loader_factory: Callable[[], Iterable[dict[str, torch.Tensor]]],
-    device: torch.device | str = "cpu",
-    rank: int = 0,
-    world: int = 1,
-    barrier: Callable[[], None] = lambda: None,
+    device: torch.device | str,
+    rank: int,
+    world: int,
+    barrier: Callable[[], None],
     view_table: torch.Tensor | None = None,
     view_fn: ViewFn | None = None,
-) -> TeacherCache:
-    """Reuse each teacher's valid cache; (re)build the missing or broken ones, over all ranks.
-
-    `view_table` ([K, len(ids), 3]) and `view_fn` cache K augmented views per image: the table
-    (the parameters that made the views) is stored next to the outputs as `views.npy`, and
-    `data_key` must identify it (the data module's cache_key does).
-    """
+) -> None:
+    """Build the caches `dirs[n]` for n in `tmp` in their build dirs `tmp[n]`, over all ranks,
+    and rename them into place. Rank 0 holds their locks; a failed build's dirs are removed."""
+    todo = list(tmp)
     views = 1 if view_table is None else int(view_table.shape[0])
-    if (view_table is None) != (view_fn is None):
-        raise ValueError("give view_table and view_fn together")
-    root = Path(root)
-    keys = {n: teacher_key(bank, n, data_key) for n in bank.names}
-    dirs = {n: root / f"{n}-{bank.metas[n].sha256[:12]}-{digest(k)[:16]}" for n, k in keys.items()}
-    todo = [n for n in bank.names if not verify(dirs[n], keys[n])]
-    if todo:
-        t0 = time.perf_counter()
-        tmp = {n: dirs[n].with_name(dirs[n].name + ".building") for n in todo}
+    t0 = time.perf_counter()
+    try:
         if rank == 0:
             for n in todo:
                 if dirs[n].exists():
                     log.warning("teacher cache %s is partial or corrupt: rebuilding", dirs[n])
                 shutil.rmtree(dirs[n], ignore_errors=True)
-                shutil.rmtree(tmp[n], ignore_errors=True)
                 tmp[n].mkdir(parents=True)
         barrier()
         sub = TeacherBank(
@@ -287,14 +429,76 @@ def open_or_build(
                 write_manifest(tmp[n], keys[n], views)
                 os.replace(tmp[n], dirs[n])
         barrier()
-        log.info(
-            "teacher cache: built %s over %d images x %d view(s) in %.1f s",
-            ", ".join(todo),
-            len(ids),
-            views,
-            time.perf_counter() - t0,
-        )
-    reused = [n for n in bank.names if n not in todo]
+    except BaseException:
+        if rank == 0:
+            for p in tmp.values():
+                shutil.rmtree(p, ignore_errors=True)
+        raise
+    log.info(
+        "teacher cache: built %s over %d images x %d view(s) in %.1f s",
+        ", ".join(todo),
+        len(ids),
+        views,
+        time.perf_counter() - t0,
+    )
+
+
+def open_or_build(
+    root: str | Path,
+    bank: TeacherBank,
+    data_key: Mapping[str, Any],
+    ids: torch.Tensor,
+    loader_factory: Callable[[], Iterable[dict[str, torch.Tensor]]],
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    view_table: torch.Tensor | None = None,
+    view_fn: ViewFn | None = None,
+    broadcast: Broadcast = _same,
+) -> TeacherCache:
+    """Reuse each teacher's valid cache; (re)build the missing or broken ones, over all ranks.
+
+    `view_table` ([K, len(ids), 3]) and `view_fn` cache K augmented views per image: the table
+    (the parameters that made the views) is stored next to the outputs as `views.npy`, and
+    `data_key` must identify it (the data module's cache_key does).
+    Rank 0 decides (it verifies, takes the build locks, names the build dirs) and `broadcast`
+    (an object -> rank 0's object, e.g. a Lightning strategy's) tells the other ranks.
+    """
+    views = 1 if view_table is None else int(view_table.shape[0])
+    if (view_table is None) != (view_fn is None):
+        raise ValueError("give view_table and view_fn together")
+    if world > 1 and broadcast is _same:
+        raise ValueError("give broadcast with world > 1: the ranks must agree on the build dirs")
+    root = Path(root)
+    keys = {n: teacher_key(bank, n, data_key) for n in bank.names}
+    dirs = {n: cache_dir(root, bank, n, k) for n, k in keys.items()}
+    seen = broadcast(failing(dirs, keys) if rank == 0 else None)
+    built: dict[str, Path] = {}
+    if seen:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+        built, locks = lock_missing(dirs, keys, seen, rank, broadcast)
+        try:
+            if built:
+                build(
+                    bank,
+                    keys,
+                    dirs,
+                    built,
+                    ids,
+                    loader_factory,
+                    device,
+                    rank,
+                    world,
+                    barrier,
+                    view_table,
+                    view_fn,
+                )
+        finally:
+            for lock in locks:
+                lock.release()
+    reused = [n for n in bank.names if n not in built]
     if reused:
         log.info("teacher cache: reused %s (%d images) from %s", ", ".join(reused), len(ids), root)
     return TeacherCache(dirs, ids, views)
