@@ -512,8 +512,9 @@ def test_a_resume_takes_the_rules_statistics_from_the_checkpoint_without_refitti
     monkeypatch.setattr(DensityRatio, "_fit", refit)
     cfg = make_cfg("amalgamate", [*overrides, f"ckpt_path={ckpt}"], tiny_teachers, run)
     again = Amalgamation.from_config(cfg)
-    assert not again.module.method.targets.is_fit  # not fitted at build time...
-    res2 = again.fit()  # ...Lightning restores it from the checkpoint before any step
+    # not refit (_fit raises): the resume check already loaded the checkpoint's statistics
+    assert again.module.method.targets.is_fit
+    res2 = again.fit()  # and Lightning restores them again before any step
     assert again.module.method.targets.is_fit
     for k, v in fitted.items():
         torch.testing.assert_close(again.module.state_dict()[k], v)
