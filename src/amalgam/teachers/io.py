@@ -70,13 +70,11 @@ def meta_path(weights: str | os.PathLike) -> Path:
 
 
 # what torch's weights-only unpickler says when a file holds more than tensors: a global it
-# refuses ("Unsupported global: GLOBAL getattr ...", "unsupported GLOBAL posix.system whose
-# module posix is blocked") or an opcode it does not run ("Unsupported operand 149")
-_PICKLED_CODE = re.compile(
-    r"(Unsupported global: [^\n]*?\.(?=\s|$)|unsupported GLOBAL [^\n]*?(?=\.?\s*$|\.\s)"
-    r"|Unsupported operand \d+|WeightsUnpickler error: [^\n]+)",
-    re.IGNORECASE | re.MULTILINE,
-)
+# refuses ("Unsupported global: GLOBAL getattr was not ...", "Trying to load unsupported GLOBAL
+# posix.system whose module posix is blocked") or an opcode it does not run ("Unsupported
+# operand 149"); only that part is shown, never torch's advice to allow-list the global or to
+# load with weights_only=False
+_PICKLED_CODE = re.compile(r"(unsupported global: global \S+|unsupported operand \d+)", re.I)
 
 
 def _unreadable(path: Path, what: str, e: Exception, fix: str = "") -> ConfigError:
@@ -84,9 +82,9 @@ def _unreadable(path: Path, what: str, e: Exception, fix: str = "") -> ConfigErr
     re-running with weights_only=False, which would run the file's code: it is never shown."""
     fix = fix or "Re-export it as safetensors."
     text = str(e)
-    refused = _PICKLED_CODE.search(text)
+    refused = _PICKLED_CODE.search(text.replace("unsupported GLOBAL", "Unsupported global: GLOBAL"))
     if refused or "Weights only load failed" in text:
-        reason = refused.group(1).strip().rstrip(".") if refused else "a non-tensor object"
+        reason = refused.group(1) if refused else "an object that is not a tensor"
         return ConfigError(
             f"{what} file '{path}' holds pickled Python code, not only tensors ({reason}): "
             f"refused for safety, since unpickling it could run that code. {fix}"
