@@ -112,8 +112,13 @@ def test_short_fit_keeps_teachers_frozen_and_resumes(tiny_teachers, tmp_path):
     cfg2 = make_cfg(
         "amalgamate",
         # one more epoch than it was trained for: a change a resume must be told to allow
-        ["experiment=tiny", "trainer.max_epochs=2", f"ckpt_path={last}", "+resume_changes=allow",
-         *QUIET],  # fmt: skip
+        [
+            "experiment=tiny",
+            "trainer.max_epochs=2",
+            f"ckpt_path={last}",
+            "+resume_changes=allow",
+            *QUIET,
+        ],
         tiny_teachers,
         tmp_path / "run2",
     )

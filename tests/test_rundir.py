@@ -116,7 +116,9 @@ def test_two_cli_runs_in_one_run_dir(tiny_teachers, tmp_path):
 @pytest.fixture(scope="module")
 def finished(tiny_teachers, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished")
-    amalgam.Amalgamation.from_config(amalgam.compose(FAST, root=tiny_teachers, output_dir=out)).fit()
+    amalgam.Amalgamation.from_config(
+        amalgam.compose(FAST, root=tiny_teachers, output_dir=out)
+    ).fit()
     return out
 
 
@@ -247,9 +249,11 @@ def test_train_teacher_writes_the_path_given_and_never_overwrites(tiny_teachers,
         train_teacher(make_cfg("train_teacher", args, tmp_path, tmp_path / "o2"))
     assert f"teacher.weights='{target}': a teacher already exists there" in str(e.value)
     assert "overwrite=true" in str(e.value) and target.read_bytes() == first
-    again = make_cfg("train_teacher", [*args, "overwrite=true", "seed=3"], tmp_path, tmp_path / "o3")
+    again = make_cfg(
+        "train_teacher", [*args, "overwrite=true", "seed=3"], tmp_path, tmp_path / "o3"
+    )
     assert train_teacher(again) == target and target.read_bytes() != first
-    with pytest.raises(ConfigError, match="give a path ending in '.safetensors'"):
+    with pytest.raises(ConfigError, match=r"give a path ending in '\.safetensors'"):
         train_teacher(make_cfg("train_teacher", [*args[:-2], "teacher.weights=x.pt"], tmp_path))
 
 
@@ -295,3 +299,46 @@ def test_read_only_output_dir_is_refused_before_hydra_touches_it(tmp_path, monke
     err = capsys.readouterr().err
     assert f"hydra.run.dir='{ro}/run' is not writable (PermissionError: Permission denied" in err
     assert not (ro / "run").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a small tmpfs here")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_a_full_disk_mid_run_names_the_file_and_keeps_the_last_checkpoint(small_disk):
+    import torch
+
+    from amalgam.reliability import AtomicCheckpointIO, atomic_write_text
+
+    io, last = AtomicCheckpointIO(), small_disk / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"w": torch.ones(100_000)}, last)  # 0.4 MB: fits
+    with pytest.raises(rundir.DiskFullError) as e:
+        io.save_checkpoint({"w": torch.zeros(1_000_000)}, last)  # 4 MB: does not
+    msg = str(e.value)
+    assert msg.startswith(f"writing '{last}' failed: the disk is full ('{last.parent}' has ")
+    assert "hydra.run.dir=<dir on a disk with room>" in msg and "ckpt_path=last" in msg
+    assert "inline_container" not in msg and "unexpected pos" not in msg
+    assert torch.equal(torch.load(last, weights_only=True)["w"], torch.ones(100_000))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no temp left
+    with pytest.raises(rundir.DiskFullError, match=r"results\.json' failed: the disk is full"):
+        atomic_write_text(small_disk / "results.json", "x" * 3_000_000)
+    assert not (small_disk / "results.json").exists()
+
+
+def test_disk_full_is_told_from_other_write_errors(tmp_path):
+    import errno
+
+    assert rundir.disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert rundir.disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
+    assert not rundir.disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
+    torch_says = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")
+    assert not rundir.disk_full(torch_says, tmp_path / "x.ckpt", need_bytes=1)  # room here
+    assert not rundir.disk_full(RuntimeError("CUDA error"), tmp_path)

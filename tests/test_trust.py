@@ -99,7 +99,9 @@ def test_untrusted_config_is_refused_before_import(monkeypatch):
         check_untrusted_config(cfg, "checkpoint 'x.ckpt'", root="amalgam.config")
     msg = str(e.value)
     assert "amalgam.config.data.source.sources[0]._target_='evil_module_never_imported.run'" in msg
-    assert "refused before import" in msg and "trust_targets=[evil_module_never_imported.run]" in msg
+    assert (
+        "refused before import" in msg and "trust_targets=[evil_module_never_imported.run]" in msg
+    )
     assert not [n for n in imported if n.startswith("evil")]
     with pytest.raises(ConfigError, match=r"optim.lr='\$\{oc.env:HOME\}' is an interpolation"):
         check_untrusted_config({"optim": {"lr": "${oc.env:HOME}"}}, "checkpoint 'x.ckpt'")

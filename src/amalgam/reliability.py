@@ -4,7 +4,9 @@
   temporary file in the target's directory, fsync, `os.replace`, fsync of the directory. A reader
   (or a resumed run) sees the old file or the new one, never a torn one, whatever kills the writer.
 - `Preemption`: SIGTERM / SIGUSR1 / SIGUSR2 during training save `checkpoints/last.ckpt` at the next
-  batch end and stop the run (`Preempted`); `ckpt_path=last` resumes it.
+  batch end and stop the run (`Preempted`); `ckpt_path=last` resumes it. Every checkpoint keeps
+  the random states, and `ResumableLoader` the data position within the epoch, so the resumed run
+  goes on with the batches (and random draws) the uninterrupted one had.
 - `CSVLogger`: Lightning's CSV logger that, on a resumed run, keeps the interrupted run's rows
   before the checkpoint's step (Lightning's deletes the whole metrics.csv).
 - `NanGuard`: a non-finite loss term or gradient stops the run before the optimizer step
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import os
+import random
 import re
 import signal
 import socket
@@ -36,9 +40,12 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
+from torch.utils.data import DataLoader
 
+from amalgam import rundir
 from amalgam.tasks import ConfigError
 from amalgam.utils import log
+from amalgam.utils import pid_alive as _pid_alive
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -47,6 +54,7 @@ __all__ = [
     "NonFiniteError",
     "Preempted",
     "Preemption",
+    "ResumableLoader",
     "all_finite",
     "atomic_open",
     "atomic_path",
@@ -93,16 +101,6 @@ def fsync_dir(directory: PathLike) -> None:
             os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temps(path: PathLike) -> list[Path]:
     """Delete the temporary files that writers of `path` on this host left when they were killed
     (their process is gone); returns them. Files of live writers and other hosts are kept."""
@@ -146,9 +144,11 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             f.flush()
             os.fsync(f.fileno())
         _commit(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if not isinstance(e, rundir.DiskFullError) and rundir.disk_full(e, path):
+            raise rundir.disk_full_error(path) from e
         raise
 
 
@@ -215,8 +215,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "Trainer.save_checkpoint(..., storage_options=...) is not supported by "
                 "AtomicCheckpointIO; remove storage_options"
             )
-        with atomic_open(local, "wb") as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_open(local, "wb") as f:
+                torch.save(checkpoint, f)
+        except RuntimeError as e:  # torch's zip writer on a full disk: "unexpected pos ..."
+            need = rundir.tensor_bytes(checkpoint)
+            if rundir.disk_full(e, local, need):
+                raise rundir.disk_full_error(local, need) from e
+            raise
 
 
 # ------------------------------------------------------------------------------ preemption
@@ -338,6 +344,143 @@ class WorkerInit:
             pl_worker_init_function(worker_id, rank=self.rank)
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader that a resumed fit continues mid-epoch where the interrupted one stood.
+
+    On a resume from a mid-epoch checkpoint (Preemption's `last.ckpt`), Lightning restarts a
+    plain DataLoader's epoch at its first batch and runs the number of batches the epoch had left:
+    the resumed run trained on the epoch's first batches again instead of its last ones. This
+    loader is stateful for Lightning (`state_dict` / `load_state_dict`, kept in the fit loop's
+    state of every checkpoint): it records the sampler's epoch and the batches handed out in it,
+    and the resumed epoch skips those batches' indices (their images are not loaded).
+
+    Its iterator is made at the first `next()`, not at `iter()`: Lightning calls `iter()` when a
+    fit starts, before `set_epoch`, and with workers a DataLoader iterator draws its indices at
+    once, so a resumed run with `num_workers > 0` read the order of epoch 0 in its first epoch,
+    whatever epoch it resumed in. Exact for samplers whose order is a function of the epoch
+    (`set_epoch`: `EpochShuffle`, Lightning's DDP wrapper of it); other samplers restart the
+    epoch as a plain DataLoader does. No `__init__` of its own: Lightning re-creates loaders
+    (DDP samplers) from DataLoader's arguments.
+    """
+
+    _position: tuple[int, int] = (-1, 0)  # (sampler epoch, batches handed out) of this epoch
+    _resume: tuple[int, int] | None = None  # a checkpoint's position, used by the next epoch
+    _skip = 0  # set only while the iterator of a resumed epoch is made
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return _LazyEpoch(self)
+
+    @property
+    def _index_sampler(self) -> Any:  # where torch's iterators draw the (batch) indices from
+        sampler = super()._index_sampler
+        return _SkipFirst(sampler, self._skip) if self._skip else sampler
+
+    def _begin(self) -> Iterator[Any]:
+        """The DataLoader iterator of the epoch that starts now, past the batches a resumed
+        epoch had already trained on."""
+        epoch = _sampler_epoch(self)
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and epoch is not None and resume[0] == epoch else 0
+        self._position = (-1 if epoch is None else epoch, skip)
+        # Making a DataLoader iterator draws its workers' seed from torch's RNG. An uninterrupted
+        # run draws it when an epoch starts, before a mid-epoch checkpoint, and with persistent
+        # workers once, in its first epoch: those iterators are made without a draw, in a
+        # resumed run and (persistent workers) in a fresh one, so both runs draw alike.
+        persistent = self.persistent_workers and self.num_workers > 0
+        no_draw = skip > 0 or (persistent and self._iterator is None)
+        self._skip = skip
+        try:
+            with torch.random.fork_rng(devices=[]) if no_draw else contextlib.nullcontext():
+                return super().__iter__()
+        finally:
+            self._skip = 0
+
+    def _handed_out(self) -> None:
+        epoch, batches = self._position
+        self._position = (epoch, batches + 1)
+
+
+class _LazyEpoch(Iterator[Any]):
+    """One epoch of a ResumableLoader; the DataLoader iterator is made at the first `next()`."""
+
+    def __init__(self, loader: ResumableLoader) -> None:
+        self.loader = loader
+        self.iterator: Iterator[Any] | None = None
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.loader._begin()
+        batch = next(self.iterator)
+        self.loader._handed_out()
+        return batch
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "iterator": None}  # torch's iterators cannot be pickled
+
+
+class _SkipFirst:
+    """An index (or batch) sampler whose first iteration leaves out its first `n` items."""
+
+    def __init__(self, sampler: Any, n: int) -> None:
+        self.sampler = sampler
+        self.n = n
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: this runs at the first next(), not at iter() (a worker iterator calls
+        # iter() twice when it is made), and later epochs (persistent workers) get all items
+        n, self.n = self.n, 0
+        yield from itertools.islice(self.sampler, n, None)
+
+
+def _sampler_epoch(loader: DataLoader) -> int | None:
+    """The epoch of the loader's epoch-seeded sampler (the one Lightning calls `set_epoch` on)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (loader.sampler, getattr(batch_sampler, "sampler", None)):
+        epoch = getattr(sampler, "epoch", None)
+        if callable(getattr(sampler, "set_epoch", None)) and isinstance(epoch, int):
+            return epoch
+    return None
+
+
+def rng_states() -> dict[str, Any]:
+    """The process's random states (torch, the current CUDA device, python, numpy), in types
+    that `torch.load(weights_only=True)` reads."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        states["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what `rng_states` returned (states this process cannot take are left alone)."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    python = states["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "numpy" in states:
+        with contextlib.suppress(ImportError):
+            import numpy as np
+
+            kind, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
 class Preemption(Callback):
     """On SIGTERM / SIGUSR1 / SIGUSR2 save `<dirpath>/last.ckpt` at the next batch end and stop.
 
@@ -349,6 +492,12 @@ class Preemption(Callback):
     (e.g. submitit's SIGUSR2 requeue) is called, and `Preempted` (a SystemExit, status
     128 + signal) ends the run: no epoch-end hook can overwrite last.ckpt, and no final
     evaluation or results.json is written for an unfinished run. Resume with `ckpt_path=last`.
+
+    Its state in every checkpoint is the process's random states (`rng_states`). When a resumed
+    fit starts training (after the sanity check) it restores them and hands each
+    `ResumableLoader` its position in the epoch: the resumed run trains on the batches and draws
+    the random numbers (dropout, augmentation in the main process) of the uninterrupted one, and
+    ends with its weights.
 
     A signal during validation or the sanity check acts at the next training batch (or at the
     end of training). A second signal of the same kind while the save is pending is passed on at
@@ -379,6 +528,44 @@ class Preemption(Callback):
         self._passed_on = False  # the previous handler ran already (second signal)
         self._before: dict[int, Any] = {}  # handlers present before the fit: chained
         self._replaced: dict[int, Any] = {}  # handlers present when ours went in: restored
+        self._rng: Mapping[str, Any] | None = None  # a checkpoint's random states, to restore
+        self._loader_states: list[Any] = []  # the checkpoint's training loader positions
+
+    # ---------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng = state_dict.get("rng")
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        self._loader_states = list((fit_loop.get("state_dict") or {}).get("combined_loader") or [])
+
+    def _resume(self, trainer: Trainer) -> None:
+        """Go on from the checkpoint's moment: its random states, and its positions within the
+        epoch for the ResumableLoaders. Lightning hands a stateful loader its position only when
+        the fit loop sets up its data after the checkpoint is restored; a `configure_optimizers`
+        that reads `trainer.estimated_stepping_batches` (amalgam's does) sets it up before, and
+        the positions were dropped: the resumed epoch started again at its first batch."""
+        if self._rng is not None:
+            set_rng_states(self._rng)
+            self._rng = None
+        states, self._loader_states = self._loader_states, []
+        combined = trainer.train_dataloader
+        loaders = [
+            dl
+            for dl in getattr(combined, "flattened", [combined])
+            if callable(getattr(dl, "state_dict", None))
+            and callable(getattr(dl, "load_state_dict", None))
+        ]  # the loaders Lightning saved states of, in its order
+        if len(states) == len(loaders):
+            for loader, state in zip(loaders, states, strict=True):
+                if isinstance(loader, ResumableLoader):
+                    loader.load_state_dict(state)
 
     # ---------------------------------------------------------------- handlers
 
@@ -396,6 +583,7 @@ class Preemption(Callback):
             self._before[sig] = signal.getsignal(sig)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._resume(trainer)  # after the sanity check, before the first training batch
         for sig in self._before:
             self._replaced[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
@@ -530,6 +718,11 @@ class NanGuard(Callback):
 
     - stop: `NonFiniteError` naming the non-finite terms, the parameters with non-finite
       gradients and the global step; the weights, last.ckpt and every checkpoint stay finite.
+      The message names the cause and its fix: the data (non-finite images, a model's
+      normalisation std with a 0: `teacher_set.<name>.std`, `student.std`, a teacher's
+      non-finite outputs), the loss at global step 0 (no update yet: not the learning rate),
+      else the optimisation (a lower `optim.lr`). It suggests a resume only when a last
+      checkpoint exists on disk.
     - skip: the step's gradients are dropped (the optimizer leaves the weights and its state
       alone; the LR schedule still advances), `skipped` counts them (logged as
       `train/skipped_steps`, kept in checkpoints).
@@ -564,6 +757,7 @@ class NanGuard(Callback):
         self._every = 1
         self._terms: dict[str, torch.Tensor] | None = None
         self._records: list[dict[str, torch.Tensor]] = []
+        self._images: list[torch.Tensor] = []  # the step's batch images, for the diagnosis
         self._hook: Any = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -581,7 +775,7 @@ class NanGuard(Callback):
             self._every = 1
         else:
             self._every = max(1, int(trainer.log_every_n_steps))
-        self._records, self._terms = [], None
+        self._records, self._terms, self._images = [], None, []
         method = getattr(pl_module, "method", None)
         if isinstance(method, nn.Module) and self._hook is None:
             self._hook = method.register_forward_hook(self._keep_terms)
@@ -591,6 +785,13 @@ class NanGuard(Callback):
             self._terms = {
                 str(k): v.detach() for k, v in output.items() if isinstance(v, torch.Tensor)
             }
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        x = _images_of(batch)  # a reference, no copy: the batch lives until the step anyway
+        if x is not None:
+            self._images.append(x)
 
     def on_before_backward(
         self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
@@ -602,7 +803,7 @@ class NanGuard(Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self._records, self._terms = [], None
+        self._records, self._terms, self._images = [], None, []
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._unhook()
@@ -620,6 +821,7 @@ class NanGuard(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         records, self._records = self._records, []
+        images, self._images = self._images, []
         step = trainer.global_step
         if step % self._every:
             return
@@ -631,19 +833,18 @@ class NanGuard(Callback):
             return
         what = _describe(records, params if grads else [], pl_module)
         if self.action == "stop":
-            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
-            keep = f"the last good checkpoint is '{last}'" if last else "no checkpoint was written"
+            last = _last_checkpoint(trainer)
+            keep = f"the last good checkpoint is '{last}'" if last else _NO_CHECKPOINT
             late = (
                 f" (checked every {self._every} steps: it may have appeared up to "
                 f"{self._every - 1} steps earlier)"
                 if self._every > 1
                 else ""
             )
+            cause = _cause(trainer, pl_module, images, step, last)
             raise NonFiniteError(
                 f"non-finite values at global step {step}{late}: {what}. The run stopped before "
-                f"the optimizer step; {keep}. Fix: lower optim.lr, check the inputs and "
-                "method.weights, then resume with ckpt_path=last; or set "
-                "callbacks.nan_guard.action=skip to drop such steps"
+                f"the optimizer step; {keep}. {cause}"
             )
         for p in params:
             p.grad = None  # the optimizer skips parameters without gradients: no update at all
@@ -668,11 +869,17 @@ class NanGuard(Callback):
         if not weights or bool(all_finite(list(weights.values()))):
             return
         bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
+        last = _last_checkpoint(trainer)
+        if last:
+            kept = f"the checkpoints already on disk are kept (the last good one is '{last}')"
+            lower = f"start afresh with a lower optim.lr {_LR_RESTORED}"
+        else:
+            kept, lower = _NO_CHECKPOINT, "start afresh with a lower optim.lr"
         raise NonFiniteError(
             f"refusing to write a checkpoint at global step {trainer.global_step}: non-finite "
-            f"weights in {_first(bad)}; the checkpoints already on disk are kept. Resume from "
-            "the last good one (ckpt_path=last) with a lower optim.lr, or check every step with "
-            "callbacks.nan_guard.every_n_steps=1"
+            f"weights in {_first(bad)}; {kept}. Fix: {lower}, and check every step with "
+            "callbacks.nan_guard.every_n_steps=1 (a non-finite step is then stopped before it "
+            "reaches the weights)"
         )
 
 
@@ -710,3 +917,142 @@ def _describe(
             f"({_first([by_id.get(id(p), '?') for p in bad_grads], 3)})"
         )
     return "; ".join(parts) or "non-finite values"
+
+
+# ------------------------------------------------------------------------------ NaN diagnosis
+
+_NO_CHECKPOINT = "no checkpoint was written yet, so there is nothing to resume"
+_LR_RESTORED = "(a resume restores the checkpoint's optimizer, its learning rate included)"
+_NOT_THE_LR = "lowering optim.lr will not help"
+
+
+def _images_of(batch: Any) -> torch.Tensor | None:
+    """The float images of a training batch ({"image": ...}, (images, labels), or a tensor)."""
+    if isinstance(batch, Mapping):
+        batch = batch.get("image")
+    elif isinstance(batch, list | tuple) and batch:
+        batch = batch[0]
+    return batch if isinstance(batch, torch.Tensor) and batch.is_floating_point() else None
+
+
+def _last_checkpoint(trainer: Any) -> str | None:
+    """The run's last checkpoint that exists on disk: a ModelCheckpoint's last one, or the
+    `last.ckpt` that it or Preemption writes, or `<root dir>/checkpoints/last.ckpt`."""
+    paths: list[str] = []
+    for cb in getattr(trainer, "callbacks", None) or []:
+        if isinstance(cb, ModelCheckpoint):
+            paths.append(cb.last_model_path)
+            if cb.dirpath:
+                paths.append(os.path.join(cb.dirpath, "last.ckpt"))
+        elif isinstance(cb, Preemption):
+            paths.append(cb.checkpoint_path(trainer))
+    root = getattr(trainer, "default_root_dir", None)
+    if root:
+        paths.append(os.path.join(root, "checkpoints", "last.ckpt"))
+    return next((p for p in paths if p and os.path.isfile(p)), None)
+
+
+def _models(pl_module: Any) -> list[tuple[str, str, nn.Module]]:
+    """(who, config key, model) of the module's teachers and student: models with their own
+    input normalisation (`preprocess`, `mean`, `std`), as `amalgam.backbone.Backbone`."""
+    bank = getattr(pl_module, "teachers", None)
+    teachers = getattr(bank, "teachers", None)
+    found = [(f"teacher '{n}'", f"teacher_set.{n}", m) for n, m in (teachers or {}).items()]
+    student = getattr(pl_module, "student", None)
+    if student is not None:
+        found.append(("the student", "student", student))
+    return [f for f in found if callable(getattr(f[2], "preprocess", None))]
+
+
+def _floats(t: Any) -> str:
+    values = t.flatten().tolist() if isinstance(t, torch.Tensor) else []
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+@torch.no_grad()
+def _data_cause(
+    images: Sequence[torch.Tensor], pl_module: Any, context: Any
+) -> tuple[str | None, list[str]]:
+    """(the data's part in a non-finite step, or None; what was found finite).
+
+    Looks at the step's images, each model's normalised inputs and the teachers' outputs, in
+    that order: the first non-finite one is the cause. Run only once a step was non-finite.
+    """
+    if not images:
+        return None, []
+    bad = sum(int((~torch.isfinite(x)).sum()) for x in images)
+    if bad:
+        total = sum(x.numel() for x in images)
+        return (
+            f"Cause: the data, not the optimisation: {bad} of {total} values of the batch's "
+            "images are NaN/inf. Fix: the images (a Source or transform that yields non-finite "
+            "pixels): repair or drop them, or set callbacks.nan_guard.action=skip to drop such "
+            f"batches; {_NOT_THE_LR}"
+        ), []
+    checked = ["the batch's images"]
+    models = _models(pl_module)
+    for who, key, model in models:
+        if not all(bool(torch.isfinite(model.preprocess(x)).all()) for x in images):
+            return _normalisation_cause(who, key, model), checked
+    if models:
+        checked.append("every model's normalised inputs")
+    teachers = [(who, key, m) for who, key, m in models if key.startswith("teacher_set.")]
+    for who, key, model in teachers:
+        with context:
+            outs = [model(x, features=True) for x in images]
+        if not all(bool(all_finite([o.logits, *o.features])) for o in outs):
+            return (
+                f"Cause: not the optimisation: {who} gives NaN/inf outputs on finite inputs. "
+                f"Fix: check its weights ({key}.weights) and teacher_dtype (float16 overflows "
+                f"above 65504), then start afresh; {_NOT_THE_LR}"
+            ), checked
+    if teachers:
+        checked.append("the teachers' outputs")
+    return None, checked
+
+
+def _normalisation_cause(who: str, key: str, model: nn.Module) -> str:
+    """The data's cause when a model's normalisation turns finite images non-finite."""
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    if isinstance(std, torch.Tensor) and bool((std == 0).any()):
+        why = f"normalises its inputs with std {_floats(std)}, which holds a 0 (x / 0 = inf)"
+    else:
+        why = f"turns the finite images into NaN/inf (mean {_floats(mean)}, std {_floats(std)})"
+    return (
+        f"Cause: the data, not the optimisation: {who} {why}, so its normalised inputs are "
+        f"NaN/inf. Fix: set {key}.std (and {key}.mean) to the normalisation the model expects, "
+        f"finite and with every std > 0, then start afresh; {_NOT_THE_LR}"
+    )
+
+
+def _cause(
+    trainer: Trainer, pl_module: Any, images: Sequence[torch.Tensor], step: int, last: str | None
+) -> str:
+    """The 'Cause: ... Fix: ...' part of the NaN guard's stop message."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    context = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+    data, checked = _data_cause(images, pl_module, context)
+    # DDP: one rank's data stops all ranks, and no rank blames the learning rate
+    if trainer.strategy.reduce_boolean_decision(data is not None, all=False) and data is None:
+        data = (
+            "Cause: the data, not the optimisation: another rank's batch or normalised inputs "
+            f"are NaN/inf (its message names them); {_NOT_THE_LR}"
+        )
+    if data is not None:
+        return data
+    finite = " and ".join([", ".join(checked[:-1]), checked[-1]] if len(checked) > 1 else checked)
+    found = f"{finite} are finite" if finite else "the batch's inputs could not be checked"
+    if step == 0:
+        return (
+            f"Cause: not the learning rate: at global step 0 no optimizer step has run yet and "
+            f"{found}, so the loss is non-finite on the initial weights. Fix: check "
+            "method.weights and the method's settings (e.g. a temperature of 0) and the "
+            "student's initialisation, then start afresh"
+        )
+    if last:
+        lower = f"start afresh with a lower optim.lr {_LR_RESTORED}"
+        skip = "resume with ckpt_path=last and callbacks.nan_guard.action=skip to drop such steps"
+    else:
+        lower = "start afresh with a lower optim.lr"
+        skip = "set callbacks.nan_guard.action=skip to drop such steps"
+    return f"Cause: the optimisation ({found}). Fix: {lower}, or check method.weights; or {skip}"

@@ -17,6 +17,7 @@ so the Python API is guarded the same way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -27,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+from hydra.errors import CompactHydraException
 
 from amalgam.tasks import ConfigError
-from amalgam.utils import log
+from amalgam.utils import log, nearest_existing, pid_alive
 
 LOCK = ".amalgam.lock"
 OWNER = ".amalgam.owner.json"
@@ -44,16 +46,6 @@ def is_rank_zero() -> bool:
         value = os.environ.get(var)
         if value and value.isdigit() and int(value) > 0:
             return False
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
     return True
 
 
@@ -107,7 +99,7 @@ def claim(run_dir: str | os.PathLike) -> None:
         ) from None
     left = read_owner(d)
     if left and left.get("pid") != os.getpid():
-        alive = isinstance(left.get("pid"), int) and _pid_alive(left["pid"])
+        alive = isinstance(left.get("pid"), int) and pid_alive(left["pid"])
         same_host = left.get("host") == socket.gethostname()
         log.warning(
             "run dir %s: a previous run (%s) ended without releasing it%s; taking it over",
@@ -162,19 +154,13 @@ def refuse_finished(run_dir: str | os.PathLike, resume_from: str | os.PathLike |
         )
 
 
-def _nearest_existing(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
 def check_free_space(run_dir: str | os.PathLike, need_bytes: int, key: str) -> None:
     """Refuse a run whose files would not fit in the free space of `run_dir`'s disk."""
-    base = _nearest_existing(Path(run_dir).expanduser().absolute())
+    base = nearest_existing(Path(run_dir).expanduser().absolute())
     try:
         free = shutil.disk_usage(base).free
     except OSError:
@@ -186,3 +172,53 @@ def check_free_space(run_dir: str | os.PathLike, need_bytes: int, key: str) -> N
             "teacher caches under cache/) or write elsewhere (hydra.run.dir=<dir on a disk with "
             "room>, or paths.log_dir=<dir>)"
         )
+
+
+class DiskFullError(OSError, CompactHydraException):
+    """A write failed for want of disk space; the message names the file, the free space and
+    what to do (files written before it are intact: every write is atomic)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_full(e: BaseException, path: str | os.PathLike, need_bytes: int = 0) -> bool:
+    """Whether `e`, raised while writing `path`, means the disk is full: ENOSPC/EDQUOT, or a
+    torch zip-writer error while less than `need_bytes` (plus 1 MB) is free there."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStream" in text):
+        try:
+            free = shutil.disk_usage(nearest_existing(Path(path).absolute().parent)).free
+        except OSError:
+            return False
+        return free < need_bytes + 2**20
+    return False
+
+
+def disk_full_error(path: str | os.PathLike, need_bytes: int = 0) -> DiskFullError:
+    base = nearest_existing(Path(path).absolute().parent)
+    try:
+        free = _mb(shutil.disk_usage(base).free)
+    except OSError:
+        free = "no space"
+    need = f", it needs about {_mb(need_bytes)}" if need_bytes else ""
+    return DiskFullError(
+        errno.ENOSPC,
+        f"writing '{path}' failed: the disk is full ('{base}' has {free} free{need}). The files "
+        "written before it are intact. Free space there (old runs under logs/, teacher caches "
+        "under cache/) or write elsewhere (hydra.run.dir=<dir on a disk with room>), then "
+        "resume with ckpt_path=last",
+    )
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested checkpoint dict."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return int(obj.numel() * obj.element_size())
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

@@ -37,6 +37,24 @@ def imagenet_classes() -> Any:
     return OmegaConf.create(list(ImageNetInfo().label_names()))  # a resolver returns a node
 
 
+def nearest_existing(p: Path) -> Path:
+    """`p`, or its nearest ancestor that exists."""
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (alive, or ours to not signal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def dir_name(name: str, limit: int = 120) -> str:
     """`${dir_name:...}`: a string made safe as ONE directory name (a sweep job's subdir).
 

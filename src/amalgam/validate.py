@@ -36,7 +36,7 @@ from amalgam.teachers.io import (
     torch_load_safely,
     weight_shapes,
 )
-from amalgam.utils import log
+from amalgam.utils import log, nearest_existing
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # what build_student / load_teacher_bank / train_teacher read from their config entries
@@ -263,12 +263,6 @@ def check_run_values(cfg: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------------------ directories
 
 
-def _nearest_existing(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def check_writable_dir(path: str | os.PathLike, key: str, value: Any = None) -> None:
     """`path` is, or can become, a directory we may write into (`value`: what `key` holds).
 
@@ -276,7 +270,7 @@ def check_writable_dir(path: str | os.PathLike, key: str, value: Any = None) -> 
     `os.access` says yes to root even on a read-only mount, a real write does not.
     """
     p = Path(path).expanduser().absolute()
-    base = _nearest_existing(p)
+    base = nearest_existing(p)
     shown = f"{key}='{path if value is None else value}'"
     fix = f"set {key} to a path in a directory you can write"
     if not base.is_dir():
@@ -295,7 +289,7 @@ def check_readable_dir(path: str | os.PathLike, key: str) -> None:
     """An existing `path` must be a directory we can list; a missing one is the source's business
     (download, fallback dirs) unless a regular file sits where a directory should be."""
     p = Path(path).expanduser()
-    base = _nearest_existing(p.absolute())
+    base = nearest_existing(p.absolute())
     if not base.is_dir():
         raise ConfigError(
             f"{key}='{path}' cannot be a directory: '{base}' is a file; set {key} to a directory"

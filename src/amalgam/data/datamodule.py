@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from amalgam.data.sources import Source, Split, load_image
-from amalgam.reliability import WorkerInit
+from amalgam.reliability import ResumableLoader, WorkerInit
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
 
 SplitName = Literal["train", "val", "test"]
@@ -454,7 +454,9 @@ class AmalgamDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         if train and sampler is None:
             sampler = EpochShuffle(len(dataset), self.seed)
-        return DataLoader(
+        # training loaders resume mid-epoch at the checkpoint's batch (docs/RELIABILITY.md)
+        loader = ResumableLoader if train else DataLoader
+        return loader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
