@@ -201,7 +201,7 @@ class OnRecord(logging.Handler):
             self.action()
 
 
-@pytest.mark.slow  # child processes: ~5-10 s of imports each
+@pytest.mark.long  # the two-job test covers reuse inside make test; this one the wait's log
 def test_a_waiting_job_reuses_what_the_other_built(tmp_path, caplog, monkeypatch):
     started, hold = tmp_path / "started", tmp_path / "hold"
     p, spec = start_job(tmp_path, "builder", started=str(started), hold=str(hold))

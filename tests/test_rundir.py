@@ -260,7 +260,7 @@ def test_train_teacher_writes_the_path_given_and_never_overwrites(tiny_teachers,
 # ------------------------------------------------------------------------------ before Hydra
 
 
-@pytest.mark.parametrize("mode", ["run", "multirun"])
+@pytest.mark.parametrize("mode", ["run", pytest.param("multirun", marks=pytest.mark.long)])
 def test_output_dir_under_a_file_is_refused_before_hydra_touches_it(tmp_path, mode):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")

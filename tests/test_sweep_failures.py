@@ -190,7 +190,7 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.long)])
 def test_stub_sweep_with_a_failing_job_writes_its_report(tmp_path, launcher):
     app = tmp_path / "app.py"
     app.write_text(textwrap.dedent(STUB_APP))
