@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from amalgam.reliability import NanGuard, NonFiniteError
 from conftest import make_cfg
+from test_reliability import NAN_RUN
 
 QUIET = ["~callbacks.progress", "+trainer.enable_progress_bar=false"]
 
@@ -138,16 +139,7 @@ def amalgamate_until_nan(root: Path, out: Path, *inject: str) -> str:
 
     cfg = make_cfg(
         "amalgamate",
-        [
-            "experiment=tiny",
-            "debug=quick",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-            "data.test_limit=32",
-            "logger=csv",
-            *inject,
-            *QUIET,
-        ],
+        [*NAN_RUN, *inject, *QUIET],
         root,
         out,
     )

@@ -683,18 +683,24 @@ def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_the_same_step(
 # ------------------------------------------------------------------------------ NaN guard
 
 
+# the tiny amalgamation in 2 steps per epoch, for the NaN guard's runs (tests/nan_inject.py)
+NAN_RUN = [
+    "experiment=tiny",
+    "debug=quick",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "data.test_limit=32",
+    "logger=csv",
+]
+
+
 def nan_cfg(root: Path, out: Path, action: str):
     """2 epochs of 2 steps; the 'mmd' term is NaN at global step 3 (the 2nd step of epoch 1),
     after last.ckpt was written at the end of epoch 0 (global step 2)."""
     return make_cfg(
         "amalgamate",
         [
-            "experiment=tiny",
-            "debug=quick",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-            "data.test_limit=32",
-            "logger=csv",
+            *NAN_RUN,
             f"callbacks.nan_guard.action={action}",
             "+callbacks.inject._target_=nan_inject.InjectNaN",
             "+callbacks.inject.step=3",
