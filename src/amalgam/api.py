@@ -591,13 +591,8 @@ class Amalgamation:
                 resume_from, {n: {"weights": p} for n, p in self.teachers.paths.items()}
             )
         module, dm = self.module, self.datamodule
-        if not rundir.holds(self.output_dir) and rundir.is_rank_zero():  # built from objects
-            rundir.claim(self.output_dir)
-            try:
-                rundir.refuse_finished(self.output_dir, resume_from)
-            except ConfigError:
-                rundir.release(self.output_dir)
-                raise
+        if not rundir.holds(self.output_dir):  # built from Python objects: claim it now
+            rundir.claim_for_run(self.output_dir, resume_from)
         try:
             return self._fit(module, dm, resume_from)
         finally:

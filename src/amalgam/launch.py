@@ -170,14 +170,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: str | os.PathLike, key: str) -> None
     """Writable, not in use by another process, and not a finished run a new run would
     overwrite (`key`: the config key that sets `run_dir`, for the messages)."""
     check_writable_dir(run_dir, key, run_dir)
-    if not rundir.is_rank_zero():
-        return
-    rundir.claim(run_dir)
-    try:
-        rundir.refuse_finished(run_dir, resume_path_of(cfg, run_dir))
-    except ConfigError:
-        rundir.release(run_dir)
-        raise
+    rundir.claim_for_run(run_dir, resume_path_of(cfg, run_dir))
 
 
 class Preflight(Callback):

@@ -126,6 +126,19 @@ def holds(run_dir: str | os.PathLike) -> bool:
     return str(Path(run_dir).expanduser().absolute()) in _HELD
 
 
+def claim_for_run(run_dir: str | os.PathLike, resume_from: str | os.PathLike | None) -> None:
+    """`claim` the dir, then `refuse_finished` (giving the dir back when refused). Ranks other
+    than 0 do neither: rank 0 holds the dir for its run."""
+    if not is_rank_zero():
+        return
+    claim(run_dir)
+    try:
+        refuse_finished(run_dir, resume_from)
+    except ConfigError:
+        release(run_dir)
+        raise
+
+
 def finished_files(run_dir: Path) -> list[str]:
     """What in `run_dir` a new run would overwrite: results.json and checkpoints."""
     found = ["results.json"] if (run_dir / "results.json").is_file() else []
