@@ -18,7 +18,7 @@ from amalgam import rundir
 from amalgam.launch import checkpoint_bytes, config_changes
 from amalgam.tasks import ConfigError
 from conftest import make_cfg
-from test_scaleout import cli
+from test_scaleout import TESTS, cli
 
 QUIET = ["~callbacks.progress", "+trainer.enable_progress_bar=false"]
 FAST = ["experiment=tiny", "debug=fast_dev_run", *QUIET]
@@ -88,17 +88,37 @@ def test_ddp_children_leave_the_lock_to_rank_zero(tmp_path, monkeypatch):
 def test_two_cli_runs_in_one_run_dir(tiny_teachers, tmp_path):
     """The first run ends as if alone; the second is refused at start and writes nothing."""
     d = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    gate = tmp_path / "gate"  # the first run waits at its start until the second is done
     args = ["experiment=tiny", *QUIET, f"hydra.run.dir={d}", f"paths.root_dir={tiny_teachers}"]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(
-        [sys.executable, "-m", "amalgam.amalgamate", *args], stdout=log, stderr=log, env=env
+        [
+            sys.executable,
+            "-m",
+            "amalgam.amalgamate",
+            *args,
+            "+callbacks.gate._target_=gate.WaitForFile",
+            f"+callbacks.gate.path={gate}",
+        ],
+        stdout=log,
+        stderr=log,
+        env=env,
     )
-    deadline = time.time() + 60
-    while not (d / rundir.OWNER).exists() and time.time() < deadline:
-        time.sleep(0.2)
-    second = cli(tiny_teachers, *args, check=False)
-    assert first.wait(timeout=300) == 0
+    try:
+        deadline = time.time() + 120
+        while not (d / rundir.OWNER).exists() and time.time() < deadline:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()
+            time.sleep(0.2)
+        second = cli(tiny_teachers, *args, check=False)
+    finally:
+        gate.touch()
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()
     assert second.returncode == 2
     assert f"run dir '{d}' is in use by another run (pid {first.pid}" in second.stderr
     assert "Traceback" not in second.stderr
