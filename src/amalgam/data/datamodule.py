@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import math
 import numbers
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from amalgam.data.sources import Source, Split, load_image
+from amalgam.data.sources import Source, Split, load_image, open_rgb
+from amalgam.data.transforms import Preprocess, seed_table, view_seed
 from amalgam.reliability import ResumableLoader, WorkerInit
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
 
@@ -89,17 +92,80 @@ def view_table(n: int, views: int, pad: int, hflip: bool, seed: int) -> torch.Te
 
 @dataclass(frozen=True)
 class ImageFormat:
-    """How images are handed to models: channels, square size, optional training augmentation."""
+    """How images are handed to models: channels, square size, optional training augmentation.
+
+    `preprocess.mode`: `square` squashes to size x size (training: reflect-pad crop + flip on
+    the batch); `timm` resizes + centre-crops each file like timm's eval transform (training:
+    timm's RandomResizedCrop + flip ...), see `amalgam.data.transforms`.
+    """
 
     channels: int
     size: int
     augment: bool = False
     hflip: bool = True
     pad: int = PAD
+    preprocess: Preprocess = dataclasses.field(default_factory=Preprocess)
+
+    @property
+    def timm(self) -> bool:
+        return self.preprocess.mode == "timm"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of uint8 [B, C, H, W] (or float in [0, 1]) images in this format."""
+        if self.timm:
+            return self._channels(torch.stack([self._transform(_to_pil(x)) for x in images]))
         x = to_model_input(images, self.channels, self.size)
         return augment_batch(x, self.pad, self.hflip) if self.augment else x
+
+    def files(self, paths: Sequence[str]) -> torch.Tensor:
+        """Image files in this format: float [B, channels, size, size]."""
+        c, s = self.channels, self.size
+        if not paths:
+            return torch.empty(0, c, s, s)
+        if self.timm:
+            return self._channels(torch.stack([self._transform(open_rgb(p)) for p in paths]))
+        x = torch.cat([to_model_input(load_image(p)[None], c, s) for p in paths])
+        return augment_batch(x, self.pad, self.hflip) if self.augment else x
+
+    def views(self, images: Sequence[Any], seeds: Sequence[int]) -> torch.Tensor:
+        """timm mode: the replayable training view of each image (path or uint8 [C, H, W])
+        with its seed: RandomResizedCrop + flip (`Preprocess.view`)."""
+        out = [
+            self.preprocess.view(_as_pil(im), self.size, s)
+            for im, s in zip(images, seeds, strict=True)
+        ]
+        if not out:
+            return torch.empty(0, self.channels, self.size, self.size)
+        return self._channels(torch.stack(out))
+
+    def _transform(self, image: Any) -> torch.Tensor:
+        return self._transforms[1 if self.augment else 0](image)
+
+    @functools.cached_property
+    def _transforms(self) -> tuple[Callable, Callable]:
+        p = self.preprocess
+        train = p.train_transform(self.size) if self.augment else None
+        return p.eval_transform(self.size), train  # type: ignore[return-value]
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1, keepdim=True) if self.channels == 1 else x
+
+
+def _as_pil(image: Any):
+    """A path, uint8 pixels or a PIL image, as an RGB PIL image."""
+    if isinstance(image, str):
+        return open_rgb(image)
+    return _to_pil(image) if isinstance(image, torch.Tensor) else image
+
+
+def _to_pil(image: torch.Tensor):
+    """uint8 (or [0, 1] float) [C, H, W] -> an RGB PIL image."""
+    import torchvision.transforms.functional as TF
+
+    x = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    return TF.to_pil_image(x.contiguous())
 
 
 class EpochShuffle(Sampler[int]):
@@ -154,10 +220,11 @@ class UnlabeledImages(Dataset):
         if self.images is not None:
             return self.fmt(self.images[idx]), idx
         assert self.paths is not None
-        c, s = self.fmt.channels, self.fmt.size
-        blocks = [to_model_input(load_image(self.paths[i])[None], c, s) for i in idx.tolist()]
-        x = torch.cat(blocks) if blocks else torch.empty(0, c, s, s)
-        return (augment_batch(x, self.fmt.pad, self.fmt.hflip) if self.fmt.augment else x), idx
+        return self.fmt.files([self.paths[i] for i in idx.tolist()]), idx
+
+    def raw(self, i: int) -> Any:
+        """Image id `i` undecoded: its path (lazy split) or its uint8 pixels."""
+        return self.paths[i] if self.paths is not None else self.images[i]  # type: ignore[index]
 
     def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
         x, idx = self.load(positions)
@@ -182,8 +249,14 @@ class ViewImages(UnlabeledImages):
     def __getitems__(self, pairs: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:  # type: ignore[override]
         positions = [p for p, _ in pairs]
         views = torch.as_tensor([v for _, v in pairs], dtype=torch.long)
-        x, idx = self.load(positions)
-        x = augment_batch(x, self.fmt.pad, self.fmt.hflip, self.table[views, positions])
+        params = self.table[views, positions]
+        if self.fmt.timm:  # each view remade from its file with its seed
+            idx = self.indices[torch.as_tensor(positions, dtype=torch.long)]
+            seeds = [view_seed(r) for r in params.tolist()]
+            x = self.fmt.views([self.raw(i) for i in idx.tolist()], seeds)
+        else:
+            x, idx = self.load(positions)
+            x = augment_batch(x, self.fmt.pad, self.fmt.hflip, params)
         return [
             {"image": img, "index": i, "view": v}
             for img, i, v in zip(x, idx.tolist(), views.tolist(), strict=True)
@@ -191,6 +264,31 @@ class ViewImages(UnlabeledImages):
 
     def __getitem__(self, pair: tuple[int, int]) -> dict[str, Any]:  # type: ignore[override]
         return self.__getitems__([pair])[0]
+
+
+class AllViews(UnlabeledImages):
+    """timm mode's teacher-cache fill: every cached view of each pool image at once; samples
+    are {"image": [K, C, S, S], "index"}, view k made with `table[k, position]`."""
+
+    def __init__(
+        self, split: Split, indices: torch.Tensor, fmt: ImageFormat, table: torch.Tensor
+    ) -> None:
+        super().__init__(split, indices, fmt)
+        if table.shape[1] != len(indices):
+            raise ValueError("the view table must have one row per pool image")
+        self.table = table
+
+    def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
+        out = []
+        for p in positions:
+            i = int(self.indices[p])
+            seeds = [view_seed(r) for r in self.table[:, p].tolist()]
+            x = self.fmt.views([_as_pil(self.raw(i))] * len(seeds), seeds)  # decoded once
+            out.append({"image": x, "index": i})
+        return out
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.__getitems__([position])[0]
 
 
 class LabeledImages(UnlabeledImages):
@@ -266,7 +364,7 @@ class AmalgamDataModule(L.LightningDataModule):
         self,
         source: Source | Callable[[], Source],
         tasks: Mapping[str, Sequence[str | int]],
-        image_size: int = 32,
+        image_size: int | None = 32,
         channels: int = 3,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
@@ -280,9 +378,14 @@ class AmalgamDataModule(L.LightningDataModule):
         unlabeled: str = "union",
         train_limit: int | None = None,
         test_limit: int | None = None,
+        preprocess: Mapping[str, Any] | Preprocess | None = None,
     ) -> None:
         super().__init__()
-        _check_int("image_size", image_size, 5 if augment else 1)
+        self.preprocess = Preprocess.from_config(preprocess)
+        if not hflip:
+            self.preprocess = dataclasses.replace(self.preprocess, hflip=0.0)
+        # timm mode: None is the student's timm input size (`use_data_config`)
+        _check_int("image_size", image_size, 5 if augment else 1, self.preprocess.mode == "timm")
         _check_int("batch_size", batch_size, 1)
         _check_int("eval_batch_size", eval_batch_size, 1, optional=True)
         _check_int("num_workers", num_workers, 0)
@@ -446,19 +549,43 @@ class AmalgamDataModule(L.LightningDataModule):
         source = self.prepare()
         return source.test if split == "test" else source.train
 
+    def use_data_config(self, data_config: Mapping[str, Any]) -> None:
+        """Fill what the config leaves None from a timm data config (the student's, from
+        `amalgam.backbone.data_config`): interpolation, crop fraction and crop mode, and in
+        timm mode the image size. Square mode takes nothing from it."""
+        if self.preprocess.mode != "timm":
+            return
+        self.preprocess = self.preprocess.with_data_config(data_config)
+        if self.image_size is None:
+            self.image_size = int(data_config["input_size"][-1])
+
     def _format(self, train: bool) -> ImageFormat:
-        return ImageFormat(self.channels, self.image_size, self.augment and train, self.hflip)
+        if self.image_size is None:
+            raise ConfigError(
+                "data.image_size is null and no timm data config filled it: set "
+                "data.image_size (e.g. 224)"
+            )
+        return ImageFormat(
+            self.channels, self.image_size, self.augment and train, self.hflip, PAD,
+            self.preprocess,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        train: bool,
+        sampler: Sampler | None = None,
+        batch_size: int | None = None,
+    ) -> DataLoader:
         if train and sampler is None:
             sampler = EpochShuffle(len(dataset), self.seed)
         # training loaders resume mid-epoch at the checkpoint's batch (docs/RELIABILITY.md)
         loader = ResumableLoader if train else DataLoader
         return loader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
+            batch_size=max(1, batch_size or (self.batch_size if train else self.eval_batch_size)),
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -493,6 +620,13 @@ class AmalgamDataModule(L.LightningDataModule):
         if not self.augment:
             raise ConfigError("cached views need data.augment=true")
         _check_int("teacher_cache.views", views, 1)
+        p = self.preprocess
+        if p.mode == "timm" and not p.replayable:
+            raise ConfigError(
+                "teacher_cache replays RandomResizedCrop + flip only, but data.preprocess asks "
+                f"for color_jitter={p.color_jitter}, auto_augment={p.auto_augment}, "
+                f"re_prob={p.re_prob}: set them to null/0, or teacher_cache.enabled=false"
+            )
         self.cached_views = int(views)
         self._view_table = None
 
@@ -502,11 +636,17 @@ class AmalgamDataModule(L.LightningDataModule):
             raise ConfigError("no cached views: call use_cached_views(K) first")
         if self._view_table is None:
             n = len(self.indices("train"))
-            self._view_table = view_table(n, self.cached_views, PAD, self.hflip, self.seed)
+            if self.preprocess.mode == "timm":  # a seed per view, remade from the file
+                self._view_table = seed_table(n, self.cached_views, self.seed)
+            else:
+                self._view_table = view_table(n, self.cached_views, PAD, self.hflip, self.seed)
         return self._view_table
 
     def apply_view(self, x: torch.Tensor, rows: torch.Tensor, view: int) -> torch.Tensor:
-        """Pool images x (rows of the pool, un-augmented) in cached view `view`."""
+        """Pool images x (rows of the pool, un-augmented) in cached view `view`; in timm mode
+        the cache loader already made every view ([B, K, C, S, S]) and one is picked."""
+        if x.ndim == 5:
+            return x[:, view]
         return augment_batch(x, PAD, self.hflip, self.view_table()[view, rows.cpu()].to(x.device))
 
     def train_dataloader(self) -> DataLoader:
@@ -543,7 +683,13 @@ class AmalgamDataModule(L.LightningDataModule):
         return self._poolable
 
     def cache_dataloader(self) -> DataLoader:
-        """The images of `cache_ids` in a fixed order, no augmentation (to fill the cache)."""
+        """The images of `cache_ids` in a fixed order, no augmentation (to fill the cache);
+        in timm mode with cached views, every view of each image ([B, K, C, S, S])."""
+        if self.cached_views and self.preprocess.mode == "timm":
+            split, ids = self._split("train"), self.indices("train")
+            ds = AllViews(split, ids, self._format(False), self.view_table())
+            # a batch holds K views of each image: K times fewer images per batch
+            return self._loader(ds, False, batch_size=self.eval_batch_size // self.cached_views)
         return self._fixed_order_loader(self.cache_ids())
 
     def cache_key(self) -> dict[str, Any]:
@@ -557,6 +703,7 @@ class AmalgamDataModule(L.LightningDataModule):
             "image_size": self.image_size,
             "channels": self.channels,
             "view": self._view_key(),
+            **({"preprocess": self.preprocess.as_dict()} if self.preprocess.mode == "timm" else {}),
         }
 
     def _view_key(self) -> dict[str, Any]:

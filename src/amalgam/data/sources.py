@@ -80,18 +80,23 @@ class Source:
         return list(self.train.classes)
 
 
-def load_image(path: str) -> torch.Tensor:
-    """Read an image file as an RGB uint8 tensor [3, H, W]; a failure names the file."""
+def open_rgb(path: str):
+    """Decode an image file into an RGB PIL image; a failure names the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return img.convert("RGB")
     except Exception as e:
         raise ConfigError(
             f"image file '{path}' cannot be decoded ({describe_error(e)}); did it change after "
             "the data set was built? Delete or replace it, or move it out of the class folder"
         ) from e
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Read an image file as an RGB uint8 tensor [3, H, W]; a failure names the file."""
+    arr = np.asarray(open_rgb(path), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
