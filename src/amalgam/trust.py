@@ -90,10 +90,11 @@ def is_amalgam_extension(target: str) -> bool:
     if inspect.isclass(obj):
         return defined_here and issubclass(obj, _extension_bases())
     if inspect.isfunction(obj):
-        from amalgam.data import sources
+        from amalgam.data import benchmarks, sources
 
         returns = inspect.signature(obj).return_annotation
-        return obj.__module__ == sources.__name__ and returns in (sources.Source, "Source")
+        home = obj.__module__ in (sources.__name__, benchmarks.__name__)
+        return home and returns in (sources.Source, "Source")
     return False
 
 
