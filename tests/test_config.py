@@ -21,8 +21,23 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-AMALGAM_EXPERIMENTS = ["demo", "fashion2", "mnist_fashion4", "tiny"]
-TEACHER_EXPERIMENTS = ["demo_teachers", "mnist_fashion4_teachers", "tiny_teachers"]
+AMALGAM_EXPERIMENTS = [
+    "cars_aircraft",
+    "cub_dogs",
+    "demo",
+    "fashion2",
+    "fine_grained4",
+    "lite0_fashion2",
+    "mnist_fashion4",
+    "tiny",
+]
+TEACHER_EXPERIMENTS = [
+    "demo_teachers",
+    "finetune_teacher",
+    "lite0_fashion2_teachers",
+    "mnist_fashion4_teachers",
+    "tiny_teachers",
+]
 
 
 def test_experiment_lists_are_complete():

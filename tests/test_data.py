@@ -27,6 +27,7 @@ from amalgam.data import (
     synthetic,
     to_model_input,
 )
+from amalgam.data import benchmarks as benchmarks_mod
 from amalgam.data import sources as sources_mod
 from amalgam.tasks import ConfigError
 
@@ -518,6 +519,8 @@ def test_concat_prefixes_classes_and_unifies_images() -> None:
 # ---------------------------------------------------------------- Hydra configs
 
 LOADERS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder", "digits", "synthetic")
+BENCHMARKS = ("cub200", "stanford_dogs", "stanford_cars", "fgvc_aircraft")
+FINE_GRAINED = (*BENCHMARKS, "cub_dogs", "cars_aircraft", "fine_grained4")
 
 
 def compose(name: str, data_dir: Path, **overrides):
@@ -537,12 +540,18 @@ def test_data_configs_instantiate_lazily(name: str, tmp_path: Path, monkeypatch)
     def spy(loader: str):
         def load(**kwargs) -> Source:
             calls.append((loader, kwargs))
-            return synthetic(num_classes=10, train_per_class=20, test_per_class=2, name=loader)
+            src = synthetic(num_classes=10, train_per_class=20, test_per_class=2, name=loader)
+            if loader in BENCHMARKS:  # their class names never clash (joined with prefix=false)
+                for split in (src.train, src.test):
+                    split.classes = [f"{loader}-{c}" for c in split.classes]
+            return src
 
         return load
 
     for loader in LOADERS:
         monkeypatch.setattr(sources_mod, loader, spy(loader))
+    for loader in BENCHMARKS:
+        monkeypatch.setattr(benchmarks_mod, loader, spy(loader))
     overrides = {}
     if name == "image_folder":
         overrides = {"data.source.train_dir": "/a", "data.source.test_dir": "/b"}
@@ -557,8 +566,10 @@ def test_data_configs_instantiate_lazily(name: str, tmp_path: Path, monkeypatch)
     dm = instantiate(cfg.data, tasks={"t": [0, 1], "u": [1, 2]})
     assert isinstance(dm, AmalgamDataModule) and dm.seed == 5 and not calls
     assert dm.label_space.num_classes == 3
-    assert dm.image_size == (16 if name in ("digits", "synthetic") else 32) and dm.channels == 3
-    assert calls and all(c[0] in LOADERS for c in calls)
+    sizes = {"digits": 16, "synthetic": 16} | {n: 224 for n in FINE_GRAINED}
+    assert dm.image_size == sizes.get(name, 32) and dm.channels == 3
+    assert calls and all(c[0] in LOADERS + BENCHMARKS for c in calls)
+    assert (dm.preprocess.mode == "timm") == (name in FINE_GRAINED)
     for _, kwargs in calls:
         if "root" in kwargs:
             assert kwargs["root"] == str(tmp_path)

@@ -7,13 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from amalgam.backbone import Backbone, check_arch, classifier_prefix, create_timm
+from amalgam.backbone import Backbone, check_arch, create_timm, data_config
 from amalgam.module import AmalgamModule
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
 from amalgam.teachers.bank import TeacherBank, load_teacher_bank, teacher_weights
-from amalgam.teachers.io import meta_path, read_meta, read_weights, strip_prefix
+from amalgam.teachers.io import init_from_file, meta_path, read_meta
 
 
 def to_dict(cfg: Any) -> Any:
@@ -21,8 +21,10 @@ def to_dict(cfg: Any) -> Any:
 
 
 def build_datamodule(data_cfg: Any, tasks: Mapping[str, Any]):
-    """Instantiate the datamodule for `tasks` ({name: classes}); resolves classes eagerly."""
-    dm = hydra.utils.instantiate(data_cfg, tasks={k: list(v) for k, v in tasks.items()})
+    """Instantiate the datamodule for `tasks` ({name: classes, or None for every class of the
+    data}); resolves classes eagerly."""
+    tasks = {k: None if v is None else list(v) for k, v in tasks.items()}
+    dm = hydra.utils.instantiate(data_cfg, tasks=tasks)
     _ = dm.label_space
     return dm
 
@@ -61,25 +63,30 @@ def check_config_classes(teacher_set: Mapping[str, Any], space: LabelSpace, data
                 )
 
 
-def build_student(cfg: Mapping[str, Any], num_classes: int) -> Backbone:
+def check_init(cfg: Mapping[str, Any], prefix: str, file_key: str = "weights") -> None:
+    """`pretrained: true` and an init file both give initial weights: refuse the pair."""
+    if cfg.get("pretrained") and cfg.get(file_key):
+        raise ConfigError(
+            f"{prefix}.pretrained=true and {prefix}.{file_key}='{cfg[file_key]}' both give the "
+            f"initial weights: pick one ({prefix}.{file_key}=null for timm's pretrained weights, "
+            f"or {prefix}.pretrained=false to start from the file)"
+        )
+
+
+def build_student(cfg: Mapping[str, Any], num_classes: int, nhwc: bool = False) -> Backbone:
+    """The student over `num_classes`: random init, timm's pretrained weights
+    (`pretrained: true`), or an init file (`weights`, head dropped, `key_map` name|order)."""
+    check_init(cfg, "student")
     model = create_timm(
         cfg["arch"],
         num_classes,
         cfg.get("in_chans", 3),
         key="student.arch",
+        pretrained=bool(cfg.get("pretrained", False)),
         **(cfg.get("model_kwargs") or {}),
     )
     if cfg.get("weights"):
-        sd = strip_prefix(read_weights(cfg["weights"], "student init"), list(model.state_dict()))
-        head = classifier_prefix(model) + "."
-        sd = {k: v for k, v in sd.items() if not k.startswith(head)}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        body_missing = [k for k in missing if not k.startswith(head)]
-        if body_missing or unexpected:
-            raise ConfigError(
-                f"student.weights '{cfg['weights']}' does not fit '{cfg['arch']}': missing "
-                f"{body_missing[:5]}, unexpected {list(unexpected)[:5]}"
-            )
+        init_from_file(model, cfg["weights"], cfg.get("key_map") or "name", "student.weights")
     student = Backbone(
         model,
         cfg.get("in_chans", 3),
@@ -87,7 +94,7 @@ def build_student(cfg: Mapping[str, Any], num_classes: int) -> Backbone:
         cfg.get("mean"),
         cfg.get("std"),
         cfg.get("feature_indices", (-1,)),
-        channels_last=bool(cfg.get("channels_last", False)),
+        channels_last=bool(cfg.get("channels_last", False) or nhwc),
     )
     if cfg.get("compile"):
         student.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
@@ -119,13 +126,22 @@ def build_method(
     return factory(space=space, student_shapes=s_shapes, teacher_shapes=t_shapes)
 
 
-def build_amalgamation(cfg: DictConfig, fit_rules: bool = True) -> tuple[Any, AmalgamModule]:
+def build_amalgamation(
+    cfg: DictConfig, fit_rules: bool = True, init_student: bool = True
+) -> tuple[Any, AmalgamModule]:
     """(datamodule, module) for an amalgamation config. Cheap checks come first.
 
     `fit_rules=False` leaves a target rule's statistics unfitted: for a module whose state
-    (statistics included) is about to be loaded from a checkpoint.
+    (statistics included) is about to be loaded from a checkpoint. `init_student=False` skips
+    the student's pretrained weights or init file (every tensor comes from a checkpoint).
     """
     from amalgam.validate import validate_amalgamation, validate_label_space  # imports build
+
+    if not init_student:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.student.pretrained = False
+            cfg.student.weights = None
 
     validate_amalgamation(cfg)  # before any image is read or any teacher runs
     teacher_set = to_dict(cfg.teacher_set)
@@ -142,9 +158,12 @@ def build_amalgamation(cfg: DictConfig, fit_rules: bool = True) -> tuple[Any, Am
         teacher_set,
         feature_indices=feat_idx,
         dtype=cfg.get("teacher_dtype", "float32"),
-        channels_last=bool(cfg.get("teacher_channels_last", False)),
+        channels_last=bool(cfg.get("teacher_channels_last", False) or cfg.get("channels_last")),
     )
-    student = build_student(to_dict(cfg.student), space.num_classes)
+    nhwc = bool(cfg.get("channels_last", False))
+    student = build_student(to_dict(cfg.student), space.num_classes, nhwc)
+    # timm preprocessing takes what the data config leaves open from the student's data config
+    dm.use_data_config(data_config(student.model))
     method = build_method(
         cfg.method, space, student, bank, dm.image_size, dm.channels, cfg.get("targets")
     )
@@ -152,4 +171,6 @@ def build_amalgamation(cfg: DictConfig, fit_rules: bool = True) -> tuple[Any, Am
     if fit_rules and getattr(rule, "needs_fit", False):  # statistics of the teachers' own images
         rule.fit(bank, dm)
     record = {"config": to_dict(cfg), "label_space": space.as_dict()}
+    if dm.preprocess.mode == "timm":  # as resolved (the config may leave values to the student)
+        record["preprocess"] = {**dm.preprocess.as_dict(), "image_size": dm.image_size}
     return dm, AmalgamModule(bank, student, method, to_dict(cfg.optim), record)

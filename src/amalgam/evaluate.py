@@ -57,7 +57,8 @@ def load_amalgamation(
         cfg.teacher_set[name].weights = t["path"]
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
-    dm, module = build_amalgamation(cfg, fit_rules=False)  # the checkpoint holds them
+    # the checkpoint holds the rules' statistics and every student tensor
+    dm, module = build_amalgamation(cfg, fit_rules=False, init_student=False)
     hashes = module.teachers.hashes()
     for name, t in rec["teachers"].items():
         if hashes[name] != t["meta"]["sha256"]:

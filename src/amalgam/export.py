@@ -62,7 +62,13 @@ def rebuild_student(ckpt: dict[str, Any], where: str) -> tuple[Backbone, LabelSp
         )
     space = LabelSpace.from_mapping(rec["label_space"])
     # the init file and compile/channels_last only matter for training: every tensor is loaded
-    scfg = {**rec["config"]["student"], "weights": None, "compile": False, "channels_last": False}
+    scfg = {
+        **rec["config"]["student"],
+        "weights": None,
+        "pretrained": False,
+        "compile": False,
+        "channels_last": False,
+    }
     student = build_student(scfg, space.num_classes)
     load_into(student.model, student_state(ckpt, where), space.num_classes, f"student of '{where}'")
     return student.eval(), space

@@ -23,11 +23,12 @@ from hydra.utils import get_object
 from omegaconf import DictConfig
 from torch import nn
 
-from amalgam.backbone import check_arch, classifier_prefix, create_timm
-from amalgam.build import check_config_classes, teacher_tasks, to_dict
+from amalgam.backbone import check_arch, check_pretrained, classifier_prefix, create_timm
+from amalgam.build import check_config_classes, check_init, teacher_tasks, to_dict
 from amalgam.data import sources
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
 from amalgam.teachers.io import (
+    KEY_MAPS,
     check_fit,
     check_new_teacher_file,
     match_keys,
@@ -42,11 +43,12 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # what build_student / load_teacher_bank / train_teacher read from their config entries
 STUDENT_KEYS = {
     "arch", "in_chans", "input_size", "mean", "std", "weights", "feature_indices",
-    "model_kwargs", "channels_last", "compile", "num_classes",
+    "model_kwargs", "channels_last", "compile", "num_classes", "pretrained", "key_map",
 }  # fmt: skip
 TEACHER_KEYS = {
     "name", "arch", "classes", "weights", "in_chans", "input_size", "mean", "std",
     "model_kwargs", "feature_indices", "class_names", "key_map",
+    "pretrained", "init_weights", "init_key_map",  # read by train_teacher only
 }  # fmt: skip
 # the loss terms each method reads from method.weights
 BUILT_BY_CODE = {"space", "student_shapes", "teacher_shapes", "tasks", "targets"}
@@ -547,10 +549,16 @@ def check_input_size(
     )
 
 
+def data_size(data: Mapping[str, Any]) -> int:
+    """data.image_size; null (timm mode: the student's timm input size) is checked as 224."""
+    size = data.get("image_size", 32)
+    return 224 if size is None else int(size)
+
+
 def _size(net: Mapping[str, Any], data: Mapping[str, Any], prefix: str) -> tuple[int, str]:
     if net.get("input_size"):
         return int(net["input_size"]), f"{prefix}.input_size"
-    return int(data.get("image_size", 32)), "data.image_size"
+    return data_size(data), "data.image_size"
 
 
 def check_teacher(
@@ -603,9 +611,26 @@ def check_teacher(
         len(meta.classes),
         f"teacher '{name}' ({weights})",
     )
-    size = meta.input_size or int(data.get("image_size", 32))
+    size = meta.input_size or data_size(data)
     size_key = f"{key}.input_size" if meta.input_size else "data.image_size"
     check_input_size(model, who, size, size_key, meta.in_chans, indices)
+
+
+def check_network_init(
+    net: Mapping[str, Any], prefix: str, file_key: str, key_map_key: str
+) -> None:
+    """Initial weights of a network to train: timm's pretrained ones (cached when offline), or
+    a file (existing, with a known key_map), never both."""
+    check_init(net, prefix, file_key)
+    km = net.get(key_map_key) or "name"
+    if km not in KEY_MAPS:
+        raise ConfigError(f"{prefix}.{key_map_key}='{km}': choose one of {list(KEY_MAPS)}")
+    if net.get("pretrained"):
+        check_pretrained(str(net["arch"]), f"{prefix}.arch")
+    if net.get(file_key) and not Path(str(net[file_key])).is_file():
+        raise ConfigError(
+            f"{prefix}.{file_key} file '{net[file_key]}' not found: check the path in the config"
+        )
 
 
 def check_student_head(student: Mapping[str, Any], num_classes: int) -> None:
@@ -762,6 +787,7 @@ def validate_amalgamation(cfg: DictConfig) -> None:
     check_data_dirs(data)
     # 3. architectures, teacher files and classes (metadata only)
     check_arch(str(student["arch"]), "student.arch")
+    check_network_init(student, "student", "weights", "key_map")
     tasks = teacher_tasks(teacher_set)
     facts = data_facts(data.get("source"))
     space = None
@@ -810,6 +836,7 @@ def validate_teacher_training(cfg: DictConfig) -> None:
         check_new_teacher_file(str(t["weights"]), "teacher.weights")
     check_data_dirs(data)
     check_arch(str(t["arch"]), "teacher.arch")
+    check_network_init(t, "teacher", "init_weights", "init_key_map")
     facts = data_facts(data.get("source"))
     classes: Sequence[Any] = list(t.get("classes") or [])
     if facts.classes is not None:

@@ -417,6 +417,8 @@ def build(
         loader = loader_factory()
         if rank == 0:
             sample = next(iter(loader))["image"][:2].to(device)
+            if sample.ndim == 5:  # every view of each image at once: shapes are one view's
+                sample = sample[:, 0]
             allocate(sub, sample, views * len(ids), tmp)
             if view_table is not None:
                 for n in todo:

@@ -8,7 +8,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from amalgam.backbone import Backbone, classifier_prefix, create_timm, default_norm
+from amalgam.backbone import Backbone, classifier_prefix, create_timm, default_norm, head_keys
 from amalgam.tasks import ConfigError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -204,6 +204,7 @@ def match_keys(
     expected: Mapping[str, Sequence[int]],
     key_map: str = "name",
     who: str = "weights",
+    drop: Collection[str] = (),
 ) -> dict[str, V]:
     """Rename the file's tensors to the model's keys.
 
@@ -211,9 +212,12 @@ def match_keys(
     i-th tensor of the file is the model's i-th state-dict entry, shapes checked one by one: for
     public files from other code bases whose names differ but whose layers line up (a torch file
     keeps its order; a safetensors file does not, so it is refused).
+    `drop`: model keys left out of the result (a head of another size): by name, the file's
+    tensors of those names; by order, the file's tensors at those keys' positions, unchecked.
     """
+    drop = set(drop)
     if key_map == "name":
-        return strip_prefix(given, list(expected))
+        return {k: v for k, v in strip_prefix(given, list(expected)).items() if k not in drop}
     if key_map != "order":
         raise ConfigError(f"{who}: key_map='{key_map}': choose one of {KEY_MAPS}")
     src, dst = list(given.items()), list(expected)
@@ -224,6 +228,8 @@ def match_keys(
         )
     out = {}
     for i, ((k, v), d) in enumerate(zip(src, dst, strict=True)):
+        if d in drop:
+            continue
         shape = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
         if shape != tuple(expected[d]):
             raise ConfigError(
@@ -252,6 +258,58 @@ def load_into(
         who,
     )
     model.load_state_dict(sd, strict=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def init_from_file(
+    model: nn.Module,
+    path: str | os.PathLike,
+    key_map: str = "name",
+    who: str = "init weights",
+) -> dict[str, Any]:
+    """Initialise `model`'s body from a weights file, its classification head left as built.
+
+    The head (`head_keys`: timm's classifier prefix(es)) keeps its fresh init for this model's
+    classes, whatever size the file's head has. `key_map`: `name` (up to a common prefix such
+    as 'model.') or `order` (the file's i-th tensor is the model's i-th state-dict key; a torch
+    file, since safetensors keeps no order; the file's head tensors are those at the model's
+    head positions). Every body tensor must be in the file with the model's shape.
+    Returns what to record about the init: {'file', 'sha256', 'key_map'}.
+    """
+    sd = read_weights(path, who)
+    if key_map == "order" and Path(path).suffix == ".safetensors":
+        raise ConfigError(
+            f"{who} '{path}': key_map=order needs a torch file (a safetensors file keeps no "
+            f"tensor order); use key_map=name or the original torch file"
+        )
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    head = head_keys(model)
+    body = match_keys(sd, expected, key_map, f"{who} '{path}'", drop=head)
+    missing = [k for k in expected if k not in body and k not in head]
+    unexpected = [k for k in body if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {expected[k]}"
+        for k, v in body.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        hint = " or key_map=order (tensors in the model's order)" if key_map == "name" else ""
+        raise ConfigError(
+            f"{who} '{path}' does not fit '{type(model).__name__}' (head {head[:2]} dropped): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatches "
+            f"{shapes[:5]}; check the architecture name and the file{hint}"
+        )
+    model.load_state_dict(body, strict=False)
+    return {"file": str(path), "sha256": file_sha256(path), "key_map": key_map}
 
 
 def export_teacher(
