@@ -8,7 +8,7 @@ TEACHERS_DIR ?= teachers
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: help install test test-fast test-long test-soak lint format clean demo teachers data data-mnist bench \
-	bench-accuracy bench-accuracy-mf4 mnist-fashion4 teachers-mf4
+	bench-accuracy bench-accuracy-mf4 mnist-fashion4 teachers-mf4 teachers-lite0 bench-pretrained
 
 help:
 	@echo "make install  - create $(VENV) and install amalgam[dev] (idempotent)"
@@ -99,6 +99,19 @@ bench-accuracy: teachers
 	@start=$$(date +%s); \
 	$(BIN)/python -m amalgam.amalgamate experiment=fashion2 sweep=evidence || exit 1; \
 	echo "bench-accuracy wall time: $$(( $$(date +%s) - start )) s"
+
+# the pretrained regime on the CPU (docs/RESULTS.md): ImageNet EfficientNet-Lite0 teachers and
+# students on fashion2 at 64 px, ImageNet init vs random init, KD vs CFL, 3 seeds
+LITE0_TEACHERS := lite0_fa lite0_fb
+teachers-lite0: TEACHERS = $(LITE0_TEACHERS)
+teachers-lite0: RECIPE = lite0_fashion2_teachers
+teachers-lite0: teachers
+
+bench-pretrained: install
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory teachers-lite0 || exit 1; \
+	$(BIN)/python -m amalgam.amalgamate experiment=lite0_fashion2 sweep=pretrained || exit 1; \
+	echo "bench-pretrained wall time: $$(( $$(date +%s) - start )) s"
 
 # the mnist_fashion4 evidence table (docs/RESULTS.md): 5 methods x 3 seeds, each method at its
 # recipe chosen on the validation split (conf/tuned/mnist_fashion4/); teachers trained if missing
