@@ -334,10 +334,11 @@ def _subset(idx: torch.Tensor, limit: int | None, generator: torch.Generator) ->
     return idx[torch.randperm(len(idx), generator=generator)[:limit]].sort().values
 
 
-def _class_list(spec: Any) -> list[str | int]:
-    """Plain list of names and Python ints (numpy integers and OmegaConf lists accepted)."""
+def _class_list(spec: Any) -> list[str | int] | None:
+    """Plain list of names and Python ints (numpy integers and OmegaConf lists accepted);
+    None (every class of the source) stays None."""
     if spec is None:
-        return []
+        return None
     return [
         int(c) if isinstance(c, numbers.Integral) and not isinstance(c, bool) else c for c in spec
     ]
@@ -354,7 +355,8 @@ class AmalgamDataModule(L.LightningDataModule):
     """Serves a source's images for amalgamation: labeled per task, unlabeled for the student.
 
     `source` is a Source or a zero-argument callable returning one (loaded on first need).
-    `tasks` maps teacher names to class names or indices of the source's classes.
+    `tasks` maps teacher names to class names or indices of the source's classes (None:
+    every class of the source, e.g. a teacher trained on a whole data set).
     `unlabeled`: "union" trains the student on images whose class is in some task, "all" on
     every training image. The source's train split is split into train/val (stratified, from
     `seed`); the test split is the source's. Val/test loaders keep only union classes.
@@ -457,7 +459,10 @@ class AmalgamDataModule(L.LightningDataModule):
 
     def _build(self, source: Source) -> None:
         classes = source.classes
-        resolved = {t: resolve_classes(s, classes, t) for t, s in self.tasks_spec.items()}
+        resolved = {
+            t: resolve_classes(list(classes) if s is None else s, classes, t)
+            for t, s in self.tasks_spec.items()
+        }
         space = LabelSpace.from_mapping(resolved)
         union_of = torch.full((len(classes),), -1, dtype=torch.long)
         for i, c in enumerate(space.classes):
