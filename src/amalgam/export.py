@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save
 
-from amalgam.backbone import Backbone
+from amalgam.backbone import Backbone, offline_arch
 from amalgam.build import build_student
 from amalgam.evaluate import read_checkpoint
 from amalgam.report.run import HEADER, atomic_write, md_table, rows
@@ -131,21 +131,26 @@ def describe(
     rec = ckpt["amalgam"]
     cfg = rec["config"]
     method, weights, _ = method_of(cfg)
+    # a name timm rebuilds with no hub access (hf-hub:timm/<name> -> <name>, ...)
+    arch, arch_kwargs = offline_arch(str(cfg["student"]["arch"]), student.model, "student.arch")
+    pre = preprocessing(student, dict(cfg.get("data") or {}))
+    if rec.get("preprocess"):  # timm mode: how files were turned into images before the model
+        pre["file_transform"] = dict(rec["preprocess"])
     return {
         "format": FORMAT,
         "name": name,
         "weights": f"{name}.safetensors",
         "sha256": sha256,
-        "arch": str(cfg["student"]["arch"]),
+        "arch": arch,
         "num_classes": space.num_classes,
         "in_chans": student.in_chans,
-        "model_kwargs": dict(cfg["student"].get("model_kwargs") or {}),
+        "model_kwargs": {**arch_kwargs, **dict(cfg["student"].get("model_kwargs") or {})},
         "classes": list(space.classes),
         "tasks": {
             t.name: {"classes": list(t.classes), "indices": space.indices(t.name)}
             for t in space.tasks
         },
-        "preprocessing": preprocessing(student, dict(cfg.get("data") or {})),
+        "preprocessing": pre,
         "source": {
             "checkpoint": str(ckpt_path.resolve()),
             "epoch": ckpt.get("epoch"),
@@ -160,6 +165,17 @@ def describe(
             },
         },
     }
+
+
+def file_transform_text(ft: dict[str, Any]) -> str:
+    """timm mode's evaluation transform, in words and as timm code."""
+    size, pct = ft["image_size"], ft["crop_pct"]
+    return (
+        f"resize the shorter side to {int(size / pct)} ({ft['interpolation']}), crop the centre "
+        f"{size}x{size}, to [0, 1] (timm: `create_transform({size}, crop_pct={pct}, "
+        f"interpolation='{ft['interpolation']}', crop_mode='{ft['crop_mode']}')` without its "
+        "Normalize)"
+    )
 
 
 def model_card(info: dict[str, Any], ckpt: dict[str, Any], results: dict[str, Any] | None) -> str:
@@ -196,6 +212,13 @@ def model_card(info: dict[str, Any], ckpt: dict[str, Any], results: dict[str, An
         "",
         "Inputs (`preprocessing` in the JSON; docs/EXPORT.md has the code), in this order:",
         "",
+        *(
+            [
+                "0. image files: " + file_transform_text(pre["file_transform"]) + ";",
+            ]
+            if pre.get("file_transform")
+            else []
+        ),
         "1. float NCHW images in [0, 1];",
         f"2. channels ({pre['in_chans']}): {pre['channel_rule']};",
         f"3. resize: {resize};",
