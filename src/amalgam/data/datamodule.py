@@ -266,19 +266,11 @@ class ViewImages(UnlabeledImages):
         return self.__getitems__([pair])[0]
 
 
-class AllViews(UnlabeledImages):
-    """timm mode's teacher-cache fill: every cached view of each pool image at once; samples
-    are {"image": [K, C, S, S], "index"}, view k made with `table[k, position]`."""
+class AllViews(ViewImages):
+    """timm mode's teacher-cache fill: every cached view of each pool image at once; items are
+    positions, samples {"image": [K, C, S, S], "index"}, view k made with `table[k, position]`."""
 
-    def __init__(
-        self, split: Split, indices: torch.Tensor, fmt: ImageFormat, table: torch.Tensor
-    ) -> None:
-        super().__init__(split, indices, fmt)
-        if table.shape[1] != len(indices):
-            raise ValueError("the view table must have one row per pool image")
-        self.table = table
-
-    def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
+    def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:  # type: ignore[override]
         out = []
         for p in positions:
             i = int(self.indices[p])
@@ -287,7 +279,7 @@ class AllViews(UnlabeledImages):
             out.append({"image": x, "index": i})
         return out
 
-    def __getitem__(self, position: int) -> dict[str, Any]:
+    def __getitem__(self, position: int) -> dict[str, Any]:  # type: ignore[override]
         return self.__getitems__([position])[0]
 
 
