@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from amalgam.data.sources import MAX_LISTED_BAD_FILES, Source, Split, class_dirs
+from amalgam.data.sources import Source, Split, class_dirs, list_bad_files
 from amalgam.data.verify import find_bad_images
 from amalgam.tasks import ConfigError
 
@@ -243,11 +243,9 @@ def _decoded(name: str, root: str, base: str, stamp: tuple) -> None:
     # one call per directory: the on-disk cache of a directory holds the files of its last call
     bad = find_bad_images(directory, paths, f"checking {name} images")
     if bad:
-        n, limit = len(bad), MAX_LISTED_BAD_FILES
-        shown = "; ".join(f"{p} ({why})" for p, why in bad[:limit])
-        more = f"; and {n - limit} more" if n > limit else ""
         raise ConfigError(
-            f"{name}: {n} of {len(paths)} image files cannot be decoded: {shown}{more}. "
+            f"{name}: {len(bad)} of {len(paths)} image files cannot be decoded: "
+            f"{list_bad_files(bad)}. "
             f"Replace them from a fresh copy of {a.files} ({a.origin}), or unpack it again "
             f"into {root}"
         )

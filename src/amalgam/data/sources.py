@@ -301,15 +301,19 @@ def _folder_split(directory: str, which: str) -> Split:
     return Split(classes, torch.tensor(targets, dtype=torch.long), None, paths)
 
 
-def _bad_files_error(bad: list[tuple[str, str]]) -> ConfigError:
-    """One message naming the first bad files, their count and the fix."""
+def list_bad_files(bad: Sequence[tuple[str, str]]) -> str:
+    """'path (why); ...' for the first MAX_LISTED_BAD_FILES, then '; and K more'."""
     n, limit = len(bad), MAX_LISTED_BAD_FILES
     shown = "; ".join(f"{path} ({why})" for path, why in bad[:limit])
-    more = f"; and {n - limit} more" if n > limit else ""
-    files = "file" if n == 1 else "files"
+    return shown + (f"; and {n - limit} more" if n > limit else "")
+
+
+def _bad_files_error(bad: list[tuple[str, str]]) -> ConfigError:
+    """One message naming the first bad files, their count and the fix."""
+    files = "file" if len(bad) == 1 else "files"
     return ConfigError(
-        f"image_folder: {n} {files} with an image extension cannot be decoded: "
-        f"{shown}{more}. Delete or replace them, or move them out of the class folders"
+        f"image_folder: {len(bad)} {files} with an image extension cannot be decoded: "
+        f"{list_bad_files(bad)}. Delete or replace them, or move them out of the class folders"
     )
 
 
