@@ -82,11 +82,11 @@ def test_analysis_functions_on_a_tiny_sweep(sweep):
     # ablation table: teachers first, then kd before cfl; mean ± std over the seeds
     table = A.ablation_table(results)
     assert table.column("variant") == ["teachers (ensemble for joint)", "method=kd", "method=cfl"]
-    assert table.header[2:] == ["tiny_a student", "tiny_b student", "joint student"]
+    assert table.header[3:] == ["tiny_a student", "tiny_b student", "joint student"]
     accs = [100 * r["joint"]["student_acc"] for r in results if r["variant"] == "method=cfl"]
     expect = f"{statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f}"
     assert table.rows[2][table.header.index("joint student")] == expect
-    assert "| method=kd | 2 |" in table.markdown()
+    assert "| method=kd | 2 | 0, 1 |" in table.markdown()
 
     # bars: one group per task plus joint; teachers + 2 variants per group
     ax = A.plot_bars(results).axes[0]

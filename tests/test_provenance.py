@@ -12,7 +12,7 @@ import amalgam
 from amalgam.provenance import PACKAGE_DIR, code_version, provenance
 from amalgam.report.analysis import plot_bars
 from amalgam.report.run import code_line
-from amalgam.report.sweep import aggregate, plot, provenance_notes, table_rows
+from amalgam.report.sweep import jobs_frame, plot, provenance_notes, table_rows, variants_frame
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -132,10 +132,10 @@ def test_sweep_table_gives_each_rule_its_own_teacher_ensemble():
     """A sweep over targets=: each variant's teacher ensemble differs, so the joint cell of the
     teachers' row cannot stand for all of them; each row carries its own."""
     jobs = [job("targets=concat", s, 0.60 + s / 100, 0.59) for s in (0, 1)]
-    header, body = table_rows(aggregate(jobs))
+    header, body = table_rows(variants_frame(jobs_frame(jobs)))
     assert header[-1] == "joint student" and body[0][-1] == "59.00 ± 0.00"
     jobs += [job("targets=density_ratio", s, 0.88, 0.87 + s / 100) for s in (0, 1)]
-    header, body = table_rows(aggregate(jobs))
+    header, body = table_rows(variants_frame(jobs_frame(jobs)))
     assert header[-2:] == ["joint student", "joint teacher ensemble"]
     assert body[0][-2:] == ["per variant ->", "-"]
     rows = {r[0]: r[-2:] for r in body[1:]}
@@ -162,5 +162,5 @@ def test_sweep_plots_mark_each_rule_ensemble_instead_of_one_teachers_bar(tmp_pat
     ys = sorted(seg[0][1] for c in marks for seg in c.get_segments())
     assert ys == pytest.approx([35.0, 59.0])
     assert ax.get_ylim()[0] <= 35.0
-    rows = aggregate(jobs)
-    assert plot(rows, tmp_path / "p.png").stat().st_size > 0
+    variants = variants_frame(jobs_frame(jobs))
+    assert plot(variants, tmp_path / "p.png").stat().st_size > 0

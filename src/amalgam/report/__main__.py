@@ -1,5 +1,6 @@
-"""`python -m amalgam.report <sweep dir>`: aggregate every job's results.json of a sweep, and list
-the jobs that failed (their failure.json) or did not finish (neither file)."""
+"""`python -m amalgam.report <sweep dir>`: aggregate every job's results.json of a sweep (report.md,
+report.csv per variant, jobs.csv per job, report.png), and list the jobs that failed (their
+failure.json) or did not finish (neither file)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,11 @@
 
 Everything here reads saved run directories (results.json, checkpoints/final.ckpt, .hydra/) and
 reuses the package's own aggregation (`report.sweep`) and checkpoint rules (`evaluate`).
-Figures are plain `matplotlib.figure.Figure` objects (no pyplot state): a notebook shows the
-returned figure once, a script can `fig.savefig(...)`.
+The sweep's numbers are pandas DataFrames: `jobs_frame` (one row per run) and `summarize` (one
+row per variant, `report.sweep.variants_frame` in METHOD_ORDER); the table and the bars take
+either the jobs frame or the results dicts of `load_sweep`. Figures are plain
+`matplotlib.figure.Figure` objects (no pyplot state): a notebook shows the returned figure
+once, a script can `fig.savefig(...)`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
 from amalgam.report.run import md_table
-from amalgam.report.sweep import aggregate, collect, draw_bars, table_rows
+from amalgam.report.sweep import (
+    bar_figure,
+    collect,
+    jobs_frame,
+    sweep_title,  # noqa: F401 (for the notebook: the plot's title)
+    table_rows,
+    variants_frame,
+)
 
 SWEEP_ENV = "AMALGAM_SWEEP_DIR"
 # display order of the known methods; other variants follow, alphabetically
@@ -83,10 +94,33 @@ def variant_order(variant: str) -> tuple[int, str]:
     return rank, variant
 
 
-def summarize(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per variant with (mean, std) over seeds in percent (`report.sweep.aggregate`)."""
-    rows = aggregate([dict(r) for r in results])
-    return sorted(rows, key=lambda r: variant_order(r["variant"]))
+Runs = pd.DataFrame | Sequence[Mapping[str, Any]]  # a jobs frame, or results dicts
+
+
+def ordered(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` (jobs or variants) with its variants in METHOD_ORDER, then by seed if any."""
+    variants = frame["variant"].astype(str).tolist()
+    seeds = frame["seed"].tolist() if "seed" in frame else [None] * len(frame)
+
+    def key(i: int) -> tuple[Any, ...]:
+        seed = seeds[i]
+        missing = seed is None or seed is pd.NA
+        return variant_order(variants[i]), missing, 0 if missing else seed
+
+    return frame.iloc[sorted(range(len(frame)), key=key)].reset_index(drop=True)
+
+
+def as_jobs(runs: Runs) -> pd.DataFrame:
+    """The jobs frame of `runs`: itself, or `jobs_frame` of the results dicts."""
+    if isinstance(runs, pd.DataFrame):
+        return runs
+    return jobs_frame([dict(r) for r in runs])
+
+
+def summarize(runs: Runs) -> pd.DataFrame:
+    """One row per variant with mean and std over seeds in percent, n and the seeds
+    (`report.sweep.variants_frame`), in METHOD_ORDER."""
+    return ordered(variants_frame(as_jobs(runs)))
 
 
 @dataclass(repr=False)
@@ -112,10 +146,11 @@ class Table:
         return self.markdown()
 
 
-def ablation_table(results: Sequence[Mapping[str, Any]]) -> Table:
+def ablation_table(runs: Runs) -> Table:
     """Teachers (ensemble for joint) and every variant: task-aware accuracy per task and joint
-    accuracy over the union, test set, in %, mean ± std over seeds."""
-    header, body = table_rows(summarize(results))
+    accuracy over the union, test set, in %, mean ± std over seeds (the value alone for one
+    seed), with each variant's job count and seeds."""
+    header, body = table_rows(summarize(runs))
     caption = (
         "Test accuracy (%), mean ± std over seeds. Task columns: task-aware accuracy (argmax "
         "inside the task's classes); joint: argmax over the union (teachers: their ensemble "
@@ -124,17 +159,11 @@ def ablation_table(results: Sequence[Mapping[str, Any]]) -> Table:
     return Table(header, body, caption)
 
 
-def plot_bars(results: Sequence[Mapping[str, Any]]) -> Figure:
+def plot_bars(runs: Runs, title: str = "student vs teachers per task") -> Figure:
     """Grouped bars, one group per task plus joint: teachers, then each variant's student
-    (mean ± std over seeds as error bars)."""
-    rows = summarize(results)
-    n_groups, n_series = len(rows[0]["tasks"]) + 1, len(rows) + 1
-    fig = Figure(figsize=(4.5 + 1.2 * n_groups * max(1.0, n_series / 3), 4.2))
-    ax = fig.add_subplot()
-    draw_bars(ax, rows, "teachers (ensemble for joint)", {"color": "0.55", "hatch": "//"})
-    ax.set_title("student vs teachers per task")
-    fig.tight_layout()
-    return fig
+    (mean ± std over seeds as error bars), the y axis from just below the lowest bar."""
+    style = {"color": "0.55", "hatch": "//"}
+    return bar_figure(summarize(runs), title, "teachers (ensemble for joint)", style)
 
 
 # ----------------------------------------------------------------------------- one run

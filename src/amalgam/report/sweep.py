@@ -1,6 +1,20 @@
 """Aggregate a sweep: per variant (overrides minus seed), mean and std over seeds; and list the
 jobs that failed or did not finish.
 
+The sweep's numbers are pandas DataFrames, so a researcher filters, groups and exports them
+with pandas instead of re-parsing results.json files by hand:
+
+- `jobs_frame(sweep_dir)`: one row per finished job (job dir, variant, method, seed, targets,
+  uses_labels, each task's `<task>_student` / `<task>_teacher` accuracy and `joint_student` /
+  `joint_teacher` (the teachers' ensemble) in %, then what results.json carries to filter by:
+  `student_arch`, `epochs`, `train_seconds`, `val_<metric>`, `git_commit`, `overrides`, ...).
+  It also takes a list of results dicts (e.g. `collect(sweep_dir)`).
+- `variants_frame(jobs)`: one row per variant: `n` (jobs), `seeds` (the sorted seed values),
+  `uses_labels`, `<col>_mean` and `<col>_std` (sample std; NaN for a single job) of each
+  accuracy column, `targets` (the rules used). report.csv is this frame; jobs.csv the former.
+- `table_rows`, `bar_figure` and `markdown` draw report.md's table and report.png from the
+  grouped frame; `write_sweep_report` writes them all.
+
 A failed job records its error itself: `AggregateOnMultirunEnd.on_job_end` writes `failure.json`
 into the job's dir, in the process that ran the job (the main process with the basic launcher,
 a worker with joblib, a cluster job with submitit). A job dir with `.hydra/overrides.yaml` but
@@ -12,17 +26,19 @@ malformed one is listed as such in the report.
 from __future__ import annotations
 
 import atexit
-import csv
-import io
 import json
 import logging
-import statistics
+import math
+import os
+import textwrap
 import time
 import traceback
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -34,6 +50,10 @@ from rich.text import Text
 
 from amalgam.report.run import atomic_path, atomic_write, md_table
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 log = logging.getLogger("amalgam")
 SKIP_DIRS = {"eval", "wandb", ".submitit", "checkpoints"}
 FAILURE = "failure.json"  # a failed job's record, in its dir
@@ -41,6 +61,10 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 MAX_LINE = 300  # characters of an error's first line in the report
 MAX_TRACEBACK = 20_000  # characters of the traceback kept in a failure record
 UNFINISHED = "no results.json and no failure record: killed, or still running"
+WHO = ("student", "teacher")  # the accuracy columns of each task and of joint
+LABEL_WIDTH = 30  # characters per line of a variant's label in the plot's legend
+# results.json entries that make the frame's leading columns (the rest: scalars as they are)
+FRAME_KEYS = {"variant", "method", "seed", "targets", "uses_labels", "tasks", "joint"}
 
 
 def _below(sweep_dir: Path, name: str) -> list[Path]:
@@ -121,18 +145,24 @@ def job_dirs(sweep_dir: str | Path) -> list[Path]:
     return sorted(dirs)
 
 
-def read_overrides(job_dir: Path) -> str:
-    """The job's overrides on one line, from Hydra's `.hydra/overrides.yaml`."""
+def load_overrides(job_dir: Path) -> tuple[list[str] | None, str | None]:
+    """(the job's overrides, None) from Hydra's `.hydra/overrides.yaml`, or (None, why not)."""
     path = job_dir / OVERRIDES
     if not path.is_file():
-        return "(no .hydra/overrides.yaml)"
+        return None, "(no .hydra/overrides.yaml)"
     try:
         overrides = yaml.safe_load(path.read_text())
     except (OSError, ValueError, yaml.YAMLError) as e:
-        return f"(malformed .hydra/overrides.yaml: {type(e).__name__})"
+        return None, f"(malformed .hydra/overrides.yaml: {type(e).__name__})"
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        return "(malformed .hydra/overrides.yaml: not a list of strings)"
-    return " ".join(overrides)
+        return None, "(malformed .hydra/overrides.yaml: not a list of strings)"
+    return overrides, None
+
+
+def read_overrides(job_dir: Path) -> str:
+    """The job's overrides on one line, or why there are none (for the problems table)."""
+    overrides, why = load_overrides(job_dir)
+    return why if overrides is None else " ".join(overrides)
 
 
 def read_failure(job_dir: Path) -> str:
@@ -173,123 +203,321 @@ def job_problems(sweep_dir: str | Path) -> tuple[int, list[dict[str, str]]]:
     return len(dirs), rows
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+# ----------------------------------------------------------------------------- the frames
 
 
-def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per variant: seeds, and (mean, std) of every accuracy, in percent."""
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in results:
-        groups[str(r.get("variant") or r.get("method", "?"))].append(r)
-    rows = []
-    for variant, rs in groups.items():
-        row: dict[str, Any] = {
-            "variant": variant,
-            "n": len(rs),
-            "seeds": sorted(r.get("seed") for r in rs),
-            "uses_labels": any(r.get("uses_labels") for r in rs),
-            "targets": sorted({str(r.get("targets", "Concat")) for r in rs}),
-            "tasks": {},
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, str | bool | int | float)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def job_row(r: Mapping[str, Any], sweep_dir: Path | None = None) -> dict[str, Any]:
+    """One job's row of `jobs_frame`: the leading columns, the accuracies in %, then the
+    results' other scalar entries (a researcher filters by them: arch, epochs, commit, ...)."""
+    job_dir = Path(r["_path"]).parent if r.get("_path") else None
+    job = None
+    if job_dir is not None:
+        job = str(job_dir.relative_to(sweep_dir) if sweep_dir else job_dir)
+    joint = r["joint"]
+    row: dict[str, Any] = {
+        "job": job,
+        "variant": str(r.get("variant") or r.get("method", "?")),
+        "method": r.get("method"),
+        "seed": r.get("seed"),
+        "targets": str(r.get("targets") or joint.get("target_rule") or "Concat"),
+        "uses_labels": bool(r.get("uses_labels")),
+    }
+    for task, t in r["tasks"].items():
+        row |= {f"{task}_{who}": 100 * t[f"{who}_acc"] for who in WHO}
+    row["joint_student"] = 100 * joint["student_acc"]
+    row["joint_teacher"] = 100 * joint["teacher_ensemble_acc"]  # the teachers' ensemble
+    extras: dict[str, Any] = {k: v for k, v in r.items() if k not in FRAME_KEYS and _scalar(v)}
+    if _number(joint.get("n_test")):
+        extras["n_test"] = joint["n_test"]
+    val = r.get("val") if isinstance(r.get("val"), dict) else {}
+    extras |= {f"val_{k}": v for k, v in val.items() if _number(v)}
+    params = r.get("params") if isinstance(r.get("params"), dict) else {}
+    for key, name in (("student", "student_params"), ("teachers_total", "teachers_params")):
+        if _number(params.get(key)):
+            extras[name] = params[key]
+    prov = r.get("provenance") or {}
+    extras |= {k: prov.get(k) for k in ("git_commit", "git_dirty")}
+    if job_dir is not None:
+        overrides, _ = load_overrides(job_dir)
+        extras["overrides"] = None if overrides is None else " ".join(overrides)
+    for k, v in extras.items():  # a results entry never hides an accuracy column
+        if not k.startswith("_"):
+            row.setdefault(k, v)
+    return row
+
+
+def jobs_frame(source: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per finished job of a sweep dir (its results.json files, via `collect`), or of
+    the given results dicts; sorted by variant, then seed. Accuracies are in %; `seed` is a
+    nullable integer (a results.json may lack it); `job` is the job's dir (relative to the
+    sweep dir when read from one) and None for a dict that names no file."""
+    if isinstance(source, str | os.PathLike):
+        return _jobs_frame(collect(source), Path(source))
+    return _jobs_frame(list(source), None)
+
+
+def _jobs_frame(results: Sequence[Mapping[str, Any]], sweep_dir: Path | None) -> pd.DataFrame:
+    base = ["job", "variant", "method", "seed", "targets", "uses_labels"]
+    if not results:
+        return pd.DataFrame(columns=[*base, "joint_student", "joint_teacher"])
+    frame = pd.DataFrame([job_row(r, sweep_dir) for r in results])
+    frame["seed"] = frame["seed"].astype("Int64")
+    frame = frame.sort_values(["variant", "seed", "job"], na_position="last", kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def tasks_of(frame: pd.DataFrame) -> list[str]:
+    """The task names of a jobs or variants frame, in column order: every `<t>_student`
+    column with its `<t>_teacher` (`_mean` suffix too in a variants frame), joint aside."""
+    cols = list(frame.columns)
+    suffix = "_mean" if "joint_student_mean" in cols else ""
+    tasks = []
+    for c in cols:
+        end = f"_student{suffix}"
+        task = c[: -len(end)]
+        if c.endswith(end) and task != "joint" and f"{task}_teacher{suffix}" in cols:
+            tasks.append(task)
+    return tasks
+
+
+def _seeds(s: pd.Series) -> list[int]:
+    return sorted(int(x) for x in s.dropna())
+
+
+def variants_frame(jobs: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant of a `jobs_frame`, sorted by variant: n (jobs), seeds (sorted seed
+    values; a job without a seed counts in n only), uses_labels (any job), then mean and std
+    over the variant's jobs of each accuracy (`<task>_student_mean`, `..._std`, teacher,
+    joint), and the target rules used. The std is the sample std: NaN for a single job (no
+    spread measured), which report.md shows as the mean alone."""
+    tasks = tasks_of(jobs)
+    metrics = [f"{c}_{who}" for c in [*tasks, "joint"] for who in WHO]
+    stats_cols = [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    columns = ["variant", "n", "seeds", "uses_labels", *stats_cols, "targets"]
+    if jobs.empty:
+        return pd.DataFrame(columns=columns)
+    groups = jobs.groupby("variant", sort=True)
+    stats = groups[metrics].agg(["mean", "std"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    out = pd.DataFrame(
+        {
+            "n": groups.size(),
+            "seeds": groups["seed"].agg(_seeds),
+            "uses_labels": groups["uses_labels"].any().astype(bool),
         }
-        for task in rs[0]["tasks"]:
-            row["tasks"][task] = {
-                who: mean_std([100 * r["tasks"][task][f"{who}_acc"] for r in rs])
-                for who in ("student", "teacher")
-            }
-        row["joint"] = {
-            "student": mean_std([100 * r["joint"]["student_acc"] for r in rs]),
-            "teacher": mean_std([100 * r["joint"]["teacher_ensemble_acc"] for r in rs]),
-        }
-        rows.append(row)
-    return sorted(rows, key=lambda r: r["variant"])
+    ).join(stats)
+    out["targets"] = groups["targets"].agg(lambda s: sorted({str(t) for t in s}))
+    return out.reset_index()[columns]
 
 
-def fmt(ms: tuple[float, float]) -> str:
-    return f"{ms[0]:.2f} ± {ms[1]:.2f}"
+# ----------------------------------------------------------------------------- table and plot
 
 
-def ensembles_differ(rows: list[dict[str, Any]]) -> bool:
+def fmt(mean: float, std: float, n: int) -> str:
+    """`mean ± std`, or the mean alone when one job gives no spread (no misleading ± 0.00)."""
+    if mean != mean:
+        return "-"
+    if n < 2 or std != std:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def cell(row: Mapping[str, Any], col: str, n: int | None = None) -> str:
+    """The formatted `<col>_mean ± <col>_std` of a variants-frame row."""
+    return fmt(row[f"{col}_mean"], row[f"{col}_std"], int(row["n"] if n is None else n))
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    return ", ".join(map(str, seeds)) or "-"
+
+
+def ensembles_differ(variants: pd.DataFrame) -> bool:
     """Whether the variants' teacher ensembles differ in joint accuracy (a sweep over
-    `targets=`: each rule makes its own ensemble), so no one teachers' joint figure fits all."""
-    return len({fmt(r["joint"]["teacher"]) for r in rows}) > 1
+    `targets=`: each rule makes its own ensemble), so no one teachers' joint figure fits all.
+    Compared as report.md prints them, a missing std (one job) as 0."""
+    keys = {
+        (f"{m:.2f}", f"{0.0 if s != s else s:.2f}")
+        for m, s in zip(variants["joint_teacher_mean"], variants["joint_teacher_std"], strict=True)
+    }
+    return len(keys) > 1
+
+
+def sweep_title(sweep_dir: str | Path) -> str:
+    """'<task>, sweep <time>' for Hydra's `logs/<task>/multiruns/<time>`, else 'sweep <dir>'."""
+    p = Path(sweep_dir)
+    name = p.name or p.resolve().name
+    if p.parent.name in ("multiruns", "multirun") and p.parent.parent.name:
+        return f"{p.parent.parent.name}, sweep {name}"
+    return f"sweep {name}"
+
+
+def wrap_label(label: str, width: int = LABEL_WIDTH) -> str:
+    """`label` on lines of at most `width` characters, broken after the commas between
+    overrides (an override longer than a line is cut where it must)."""
+    lines: list[str] = []
+    for item in label.split(","):
+        pieces = textwrap.wrap(item, width, break_on_hyphens=False) or [""]
+        if lines and len(lines[-1]) + 1 + len(pieces[0]) <= width:
+            lines[-1] += "," + pieces.pop(0)
+        elif lines:
+            lines[-1] += ","
+        lines += pieces
+    return "\n".join(lines)
+
+
+def variant_labels(
+    variants: Sequence[str], width: int = LABEL_WIDTH
+) -> tuple[list[str], str | None]:
+    """Legend labels of the variants without the overrides all of them share (with several
+    variants), wrapped at `width`; and those shared overrides (None: none), which the legend
+    names once in its title instead of in every label."""
+    parts = [v.split(",") for v in variants]
+    common = [p for p in parts[0] if all(p in q for q in parts[1:])] if len(parts) > 1 else []
+    labels = []
+    for v, items in zip(variants, parts, strict=True):
+        rest = [x for x in items if x not in common]
+        labels.append(wrap_label(",".join(rest) if rest else v, width))
+    return labels, (",".join(common) or None)
+
+
+def y_floor(lows: Iterable[float]) -> float:
+    """The y axis's floor: 5 points below the lowest value, down to a multiple of 5, not below
+    0 (a floor at 0 squeezes close accuracies into the top of the plot)."""
+    low = min((v for v in lows if v == v), default=0.0)
+    return max(0.0, 5 * math.floor((low - 5) / 5))
 
 
 def draw_bars(
-    ax: Any, rows: list[dict[str, Any]], teacher_label: str, teacher_style: dict | None = None
+    ax: Axes,
+    variants: pd.DataFrame,
+    teacher_label: str,
+    teacher_style: Mapping[str, Any] | None = None,
 ) -> None:
     """Grouped bars on `ax`, one group per task plus joint: the teachers, then each variant's
-    student (mean ± std over seeds as error bars). When the variants' ensembles differ, the
-    teachers get no joint bar and each variant's ensemble is a dashed mark over its joint bar."""
-    cols = [*rows[0]["tasks"], "joint"]
-
-    def pick(r: dict[str, Any], who: str, c: str) -> tuple[float, float]:
-        return r["joint"][who] if c == "joint" else r["tasks"][c][who]
-
-    per_row = ensembles_differ(rows)
-    teachers = [pick(rows[0], "teacher", c) for c in cols]
+    student (mean ± std over seeds as error bars; none for a single job). When the variants'
+    ensembles differ, the teachers get no joint bar and each variant's ensemble is a dashed
+    mark over its joint bar. The legend sits right of the axes, so it hides no bar."""
+    cols = [*tasks_of(variants), "joint"]
+    rows = [r for _, r in variants.iterrows()]
+    per_row = ensembles_differ(variants)
+    nan = float("nan")
+    first = rows[0]
+    teachers = [(first[f"{c}_teacher_mean"], first[f"{c}_teacher_std"]) for c in cols]
     if per_row:
-        teachers[-1] = (float("nan"), float("nan"))
-    series = [(teacher_label, teachers)]
-    series += [(r["variant"], [pick(r, "student", c) for c in cols]) for r in rows]
+        teachers[-1] = (nan, nan)
+    labels, common = variant_labels([str(r["variant"]) for r in rows])
+    series = [(teacher_label, teachers, int(first["n"]))]
+    for r, label in zip(rows, labels, strict=True):
+        vals = [(r[f"{c}_student_mean"], r[f"{c}_student_std"]) for c in cols]
+        series.append((label, vals, int(r["n"])))
     width = 0.8 / len(series)
 
     def xs(i: int) -> list[float]:
         return [j + (i - (len(series) - 1) / 2) * width for j in range(len(cols))]
 
-    for i, (name, vals) in enumerate(series):
-        style = (teacher_style or {}) if i == 0 else {}
+    lows = []
+    for i, (name, vals, n) in enumerate(series):
+        style = dict(teacher_style or {}) if i == 0 else {}
+        errs = [0.0 if s != s else s for _, s in vals]
+        spread = n > 1 and any(v[1] == v[1] for v in vals)
+        heights = [m for m, _ in vals]
         ax.bar(
             xs(i),
-            [v[0] for v in vals],
+            heights,
             width,
-            yerr=[v[1] for v in vals],
-            capsize=2,
+            yerr=errs if spread else None,
+            capsize=2 if spread else 0,
             label=name,
             **style,
         )
-    lows = [v[0] for _, vals in series for v in vals if v[0] == v[0]]
+        lows += [m - e if spread else m for m, e in zip(heights, errs, strict=True)]
     if per_row:
         for i, r in enumerate(rows, start=1):
-            x, y = xs(i)[-1], r["joint"]["teacher"][0]
+            x, y = xs(i)[-1], r["joint_teacher_mean"]
             label = "teacher ensemble (the variant's rule)" if i == 1 else None
             ax.hlines(y, x - width / 2, x + width / 2, "k", "--", label=label)
             lows.append(y)
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.set_ylim(max(0.0, min(lows) - 10), 100)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_ylim(y_floor(lows), 100)
+    title = None if common is None else wrap_label(f"all variants: {common}")
+    ax.legend(
+        fontsize=7,
+        title=title,
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+    )
 
 
-def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def bar_figure(
+    variants: pd.DataFrame,
+    title: str,
+    teacher_label: str = "teachers",
+    teacher_style: Mapping[str, Any] | None = None,
+) -> Figure:
+    """report.png's figure (a plain Figure: no pyplot state, safe in a callback or a notebook):
+    `draw_bars` of the variants frame under `title`."""
+    from matplotlib.figure import Figure
+
+    n_cols, n_series = len(tasks_of(variants)) + 1, len(variants) + 1
+    fig = Figure(figsize=(4.5 + 1.4 * n_cols * max(1.0, n_series / 3), 4.2))
+    ax = fig.add_subplot()
+    draw_bars(ax, variants, teacher_label, teacher_style)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot(variants: pd.DataFrame, path: Path, title: str = "student vs teachers") -> Path:
+    """Write `bar_figure` to `path` (the legend outside the axes is kept in the image)."""
+    fig = bar_figure(variants, title)
+    fig.savefig(path, format=Path(path).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def table_rows(variants: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Header and body: the teachers' row first (task-aware accuracy of each teacher on its
-    task; joint: their ensemble), then one row per variant. When the variants' teacher
-    ensembles differ (a sweep over `targets=`: each rule makes its own ensemble), the joint
-    cell of the teachers' row would be one rule's figure only, so each variant's row gets its
-    ensemble in a column of its own and the teachers' row says so."""
-    tasks = list(rows[0]["tasks"])
-    per_row = ensembles_differ(rows)
-    header = ["variant", "seeds", *[f"{t} student" for t in tasks], "joint student"]
-    first = [
+    task; joint: their ensemble), then one row per variant with its job count and seeds.
+    When the variants' teacher ensembles differ (a sweep over `targets=`: each rule makes its
+    own ensemble), the joint cell of the teachers' row would be one rule's figure only, so
+    each variant's row gets its ensemble in a column of its own and the teachers' row says so."""
+    tasks = tasks_of(variants)
+    rows = [r for _, r in variants.iterrows()]
+    per_row = ensembles_differ(variants)
+    header = ["variant", "n", "seeds", *[f"{t} student" for t in tasks], "joint student"]
+    first = rows[0]
+    teachers = [
         "teachers (ensemble for joint)",
         "-",
-        *[fmt(rows[0]["tasks"][t]["teacher"]) for t in tasks],
-        "per variant ->" if per_row else fmt(rows[0]["joint"]["teacher"]),
+        "-",
+        *[cell(first, f"{t}_teacher") for t in tasks],
+        "per variant ->" if per_row else cell(first, "joint_teacher"),
     ]
     if per_row:
         header.append("joint teacher ensemble")
-        first.append("-")
-    body = [first]
+        teachers.append("-")
+    body = [teachers]
     for r in rows:
-        name = r["variant"] + (" (USES LABELS)" if r["uses_labels"] else "")
+        name = str(r["variant"]) + (" (USES LABELS)" if r["uses_labels"] else "")
         cells = [
             name,
-            str(r["n"]),
-            *[fmt(r["tasks"][t]["student"]) for t in tasks],
-            fmt(r["joint"]["student"]),
+            str(int(r["n"])),
+            seeds_text(r["seeds"]),
+            *[cell(r, f"{t}_student") for t in tasks],
+            cell(r, "joint_student"),
         ]
         if per_row:
-            cells.append(fmt(r["joint"]["teacher"]))
+            cells.append(cell(r, "joint_teacher"))
         body.append(cells)
     return header, body
 
@@ -340,10 +568,10 @@ def problems_markdown(problems: list[dict[str, str]], n_jobs: int) -> list[str]:
 
 
 def markdown(
-    rows: list[dict[str, Any]],
+    variants: pd.DataFrame,
     sweep_dir: str | Path,
-    results: list[dict[str, Any]] = (),
-    problems: list[dict[str, str]] = (),
+    results: Sequence[Mapping[str, Any]] = (),
+    problems: Sequence[dict[str, str]] = (),
     n_jobs: int = 0,
 ) -> str:
     """The report: a warning when jobs failed, the table of the variants (when any job
@@ -355,13 +583,13 @@ def markdown(
             "end); the table aggregates the jobs that wrote a readable results.json.",
             "",
         ]
-    if rows:
-        header, body = table_rows(rows)
-        rules = ", ".join(sorted({t for r in rows for t in r["targets"]}))
+    if not variants.empty:
+        header, body = table_rows(variants)
+        rules = ", ".join(sorted({t for ts in variants["targets"] for t in ts}))
         lines += [
-            "Test accuracy in %, mean ± std over seeds. Task columns: task-aware accuracy; "
-            "joint: argmax over the union (teachers: their ensemble under the target rule, "
-            f"{rules}).",
+            "Test accuracy in %, mean ± std over seeds (a variant of one job: its value; n: "
+            "jobs, seeds: their seeds). Task columns: task-aware accuracy; joint: argmax over "
+            f"the union (teachers: their ensemble under the target rule, {rules}).",
             "",
             *md_table(header, body),
         ]
@@ -373,46 +601,22 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    tasks = list(rows[0]["tasks"])
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    cols = ["variant", "n", "seeds", "uses_labels"]
-    for t in [*tasks, "joint"]:
-        cols += [f"{t}_{who}_{s}" for who in ("student", "teacher") for s in ("mean", "std")]
-    w.writerow(cols)
-    for r in rows:
-        vals: list[Any] = [r["variant"], r["n"], " ".join(map(str, r["seeds"])), r["uses_labels"]]
-        for t in tasks:
-            for who in ("student", "teacher"):
-                vals += [f"{v:.4f}" for v in r["tasks"][t][who]]
-        for who in ("student", "teacher"):
-            vals += [f"{v:.4f}" for v in r["joint"][who]]
-        w.writerow(vals)
-    return buf.getvalue()
+def frame_csv(frame: pd.DataFrame, float_format: str | None = None) -> str:
+    """`frame` as CSV text; list cells (seeds, targets) as space-separated values, as
+    report.csv always had them."""
+    out = frame.copy()
+    for c in out.columns:
+        if out[c].map(lambda v: isinstance(v, list)).any():
+            out[c] = out[c].map(lambda v: " ".join(map(str, v)) if isinstance(v, list) else v)
+    return out.to_csv(index=False, float_format=float_format, lineterminator="\n")
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_cols, n_series = len(rows[0]["tasks"]) + 1, len(rows) + 1
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * n_cols * max(1, n_series / 3), 4))
-    draw_bars(ax, rows, "teachers")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def show_tables(rows: list[dict[str, Any]], n_results: int, problems: list[dict[str, str]]) -> None:
+def show_tables(variants: pd.DataFrame, n_results: int, problems: list[dict[str, str]]) -> None:
     """The report's tables on the console."""
     console = Console()
-    if rows:
-        header, body = table_rows(rows)
-        table = Table(title=f"sweep: {n_results} runs, {len(rows)} variants")
+    if not variants.empty:
+        header, body = table_rows(variants)
+        table = Table(title=f"sweep: {n_results} runs, {len(variants)} variants")
         for h in header:
             table.add_column(h, justify="left" if h == "variant" else "right", overflow="fold")
         for b in body:
@@ -428,30 +632,34 @@ def show_tables(rows: list[dict[str, Any]], n_results: int, problems: list[dict[
 
 
 def write_sweep_report(sweep_dir: str | Path, show: bool = False) -> dict[str, Path]:
-    """report.md in `sweep_dir`, with report.csv and report.png when any job finished; report.md
-    lists the jobs that failed or did not finish. Raises if `sweep_dir` holds no job."""
+    """report.md in `sweep_dir`, with report.csv (`variants_frame`), jobs.csv (`jobs_frame`)
+    and report.png when any job finished; report.md lists the jobs that failed or did not
+    finish. Every file is written atomically. Raises if `sweep_dir` holds no job."""
     sweep_dir = Path(sweep_dir)
     results = collect(sweep_dir)
     n_jobs, problems = job_problems(sweep_dir)
     if not results and not problems:
         raise FileNotFoundError(f"no results.json and no job dir below {sweep_dir}")
-    rows = aggregate(results)
+    jobs = _jobs_frame(results, sweep_dir)
+    variants = variants_frame(jobs)
     paths = {
         "md": sweep_dir / "report.md",
         "csv": sweep_dir / "report.csv",
+        "jobs": sweep_dir / "jobs.csv",
         "png": sweep_dir / "report.png",
     }
-    if rows:
-        atomic_write(paths["csv"], to_csv(rows))
-    atomic_write(paths["md"], markdown(rows, sweep_dir, results, problems, n_jobs))
-    if rows:
+    if not variants.empty:
+        atomic_write(paths["csv"], frame_csv(variants, "%.4f"))
+        atomic_write(paths["jobs"], frame_csv(jobs, "%.6g"))
+    atomic_write(paths["md"], markdown(variants, sweep_dir, results, problems, n_jobs))
+    if not variants.empty:
         with atomic_path(paths["png"]) as tmp:
-            plot(rows, tmp)
+            plot(variants, tmp, sweep_title(sweep_dir))
     else:  # no table: no csv and no plot (nor stale ones)
-        for kind in ("csv", "png"):
+        for kind in ("csv", "jobs", "png"):
             paths.pop(kind).unlink(missing_ok=True)
     if show:
-        show_tables(rows, len(results), problems)
+        show_tables(variants, len(results), problems)
     return paths
 
 
