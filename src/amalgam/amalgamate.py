@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from amalgam.api import Amalgamation, attach_cache, final_report
+from amalgam.launch import one_line_errors
 from amalgam.tasks import ConfigError
 from amalgam.utils import CONF_DIR
 
@@ -51,6 +52,7 @@ def objective(cfg: DictConfig, results: dict[str, Any]) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="amalgamate")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     return objective(cfg, amalgamate(cfg))
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from amalgam.amalgamate import final_report
 from amalgam.build import build_amalgamation, to_dict
-from amalgam.launch import method_name
+from amalgam.launch import method_name, one_line_errors
 from amalgam.module import AmalgamModule
 from amalgam.tasks import ConfigError
 from amalgam.teachers.io import torch_load_safely
@@ -98,6 +98,7 @@ def evaluate_checkpoint(
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     overrides = OmegaConf.to_container(cfg.overrides) if cfg.get("overrides") else None
     trusted = trust_list(to_dict(cfg.get("trust_targets")))

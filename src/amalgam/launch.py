@@ -6,7 +6,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,17 +29,95 @@ def hydra_mode() -> RunMode | None:
     return HydraConfig.get().mode if HydraConfig.initialized() else None
 
 
+def one_line_errors(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """An entry point's task function whose ConfigError ends the run with its message alone, on
+    one line of stderr, and exit status 2 (a usage error), instead of Hydra's "Error executing
+    job with overrides" block. HYDRA_FULL_ERROR=1 shows the traceback; in a multirun the error
+    stays the job's (its failure record and the sweep report name it)."""
+
+    @functools.wraps(main)
+    def task(cfg: DictConfig) -> Any:
+        try:
+            return main(cfg)
+        except ConfigError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_mode() == RunMode.MULTIRUN:
+                raise
+            print(f"Error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return task
+
+
 def method_name(cfg: DictConfig) -> str:
     """The method's `name` in its config, else its class name."""
     return str(cfg.method.get("name") or cfg.method._target_.rsplit(".", 1)[-1])
 
 
+# Overrides that say where or how a run executes, not what it computes: they neither split a
+# sweep's variants nor appear in its report rows. NOT_VARIANT: the key or any key below it
+# (`logger` covers `logger=wandb` and `logger.wandb.offline=true`); NOT_VARIANT_CHOICE: the group
+# choice alone (`trainer=gpu` is where it runs, `trainer.max_epochs=9` is a variant). Hydra's
+# own exclude_keys (hydra.job.config.override_dirname.exclude_keys: seed, experiment, ...) are
+# left out as well.
+NOT_VARIANT = (
+    "hydra",
+    "logger",
+    "paths",
+    "callbacks.model_checkpoint",
+    "callbacks.progress",
+    "callbacks.lr_monitor",
+    "callbacks.preemption",
+    "callbacks.console",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.accelerator",
+    "trainer.strategy",
+    "trainer.enable_progress_bar",
+    "trainer.default_root_dir",
+    "trainer.log_every_n_steps",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "teacher_cache.dir",
+    "ckpt_path",
+    "resume_changes",
+    "trust_targets",
+    "optimized_metric",
+    "tags",
+    "console",
+    "seed",
+)
+NOT_VARIANT_CHOICE = ("trainer", "callbacks")
+
+
+def _override_key(override: str) -> str:
+    """The key of one command-line override: `+a.b=1` -> `a.b`, `hydra/launcher=x` -> `hydra`."""
+    key = override.split("=", 1)[0].lstrip("~+").split("@", 1)[0]
+    return key.replace("/", ".")
+
+
+def is_variant_key(key: str, excluded: Sequence[str] = ()) -> bool:
+    """Whether an override of `key` changes the experiment (and so names a variant)."""
+    if key in NOT_VARIANT_CHOICE or key in excluded:
+        return False
+    return not any(key == k or key.startswith(k + ".") for k in NOT_VARIANT)
+
+
+def variant_of(overrides: Sequence[str], excluded: Sequence[str] = ()) -> str:
+    """The variant name of a job's overrides: those that change the experiment, sorted, joined
+    with ',' (as Hydra's override_dirname); '' when none does."""
+    kept = [o for o in overrides if is_variant_key(_override_key(o), excluded)]
+    return ",".join(sorted(kept))
+
+
 def variant_name(cfg: DictConfig) -> str:
-    """The job's overrides minus seed & co. (Hydra's override_dirname), else the method name."""
+    """The job's overrides that change the experiment (`variant_of`), else the method name."""
     if HydraConfig.initialized():
-        name = HydraConfig.get().job.override_dirname
+        hc = HydraConfig.get()
+        excluded = list(hc.job.config.override_dirname.exclude_keys or [])
+        name = variant_of(list(hc.overrides.task), excluded)
         if name:
-            return str(name)
+            return name
     return method_name(cfg)
 
 
@@ -123,26 +201,74 @@ def step_of(ckpt: Path) -> int:
     return resume_state(ckpt).step
 
 
+def _short(text: str, limit: int) -> str:
+    """`text` within wandb's length limits (group 128, tags 64): its head and a hash of all."""
+    if len(text) <= limit:
+        return text
+    import hashlib
+
+    return f"{text[: limit - 9]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
 def make_loggers(cfg: DictConfig, variant: str, resume_from: Path | None) -> list[Any]:
-    """Instantiate the logger group; wandb runs are grouped by variant and resume their id."""
+    """Instantiate the logger group; wandb runs are grouped by variant and resume their id.
+
+    wandb: group `<task_name>/<variant>` and name `<variant>/seed<seed>` unless set; the run's
+    tags plus the task and the method; `log_model` is amalgam's (one artifact of final.ckpt and
+    the results files at the end, `log_artifacts`), not Lightning's per-checkpoint upload.
+    """
     loggers = []
     for lcfg in (cfg.get("logger") or {}).values():
         if not lcfg or "_target_" not in lcfg:
             continue
         kwargs: dict[str, Any] = {}
+        log_model = False
         if str(lcfg._target_).endswith("WandbLogger"):
             if not lcfg.get("group"):
-                kwargs["group"] = f"{cfg.task_name}/{variant}"
+                kwargs["group"] = _short(f"{cfg.task_name}/{variant}", 128)
             if not lcfg.get("name"):
-                kwargs["name"] = f"{variant}/seed{cfg.seed}"
+                kwargs["name"] = _short(f"{variant}/seed{cfg.seed}", 128)
+            tags = [str(t) for t in (lcfg.get("tags") or [])]
+            tags += [str(cfg.task_name), method_name(cfg)] if "method" in cfg else []
+            kwargs["tags"] = [_short(t, 64) for t in dict.fromkeys(tags)]
+            log_model = bool(lcfg.get("log_model"))
+            kwargs["log_model"] = False
             run_id = wandb_id_of(resume_from)
             if run_id:
                 kwargs |= {"id": run_id, "resume": "allow"}
                 log.info("resuming wandb run %s", run_id)
         if lcfg._target_ == "amalgam.reliability.CSVLogger" and resume_from is not None:
             kwargs["resume_step"] = step_of(resume_from)  # keep the rows logged before it
-        loggers.append(hydra.utils.instantiate(lcfg, **kwargs))
+        logger = hydra.utils.instantiate(lcfg, **kwargs)
+        if log_model:
+            logger._amalgam_log_model = True
+        loggers.append(logger)
     return loggers
+
+
+def log_hyperparams(loggers: list[Any], config: Mapping[str, Any] | None) -> None:
+    """The run's resolved config as every logger's hyper-parameters: wandb's run config (nested,
+    so its table sorts and filters by `method.weights.mmd`), the CSV logger's hparams.yaml."""
+    if not config:
+        return
+    for lg in loggers:
+        lg.log_hyperparams(dict(config))
+
+
+def log_artifacts(loggers: list[Any], out_dir: Path, files: Sequence[Path]) -> None:
+    """With `logger.wandb.log_model=true`: one wandb artifact (type model) of the final
+    checkpoint and the results files, aliased `final`, with the run's test accuracies."""
+    for lg in loggers:
+        if not getattr(lg, "_amalgam_log_model", False):
+            continue
+        import wandb
+
+        run = lg.experiment
+        art = wandb.Artifact(f"run-{run.id}", type="model", description=str(out_dir))
+        for f in files:
+            if Path(f).is_file():
+                art.add_file(str(f), name=Path(f).name)
+        run.log_artifact(art, aliases=["final"])
 
 
 def wandb_id(loggers: list[Any]) -> str | None:

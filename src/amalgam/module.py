@@ -144,8 +144,10 @@ class AmalgamModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
+        # one name per metric: val/acc_<task> for the tasks, val/joint_acc for the union
+        joint = acc.pop("joint")
         self.log_dict({f"val/acc_{k}": v for k, v in acc.items()}, prog_bar=False)
-        self.log("val/joint_acc", acc["joint"], prog_bar=True)
+        self.log("val/joint_acc", joint, prog_bar=True)
         self.val_acc.reset()
 
     def configure_optimizers(self):

@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 from amalgam.backbone import Backbone, create_timm, data_config, offline_arch, pretrained_source
 from amalgam.build import build_datamodule, check_init, to_dict
 from amalgam.classifier import ClassifierModule
+from amalgam.console import console_callbacks, console_settings, show_config
+from amalgam.launch import log_hyperparams, one_line_errors
 from amalgam.provenance import provenance
 from amalgam.teachers.io import TeacherMeta, export_teacher, init_from_file
 from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
@@ -72,9 +74,18 @@ def train_teacher(cfg: DictConfig) -> Path:
     module = ClassifierModule(
         net, len(classes), to_dict(cfg.optim), cfg.get("label_smoothing", 0.0)
     )
+    settings = console_settings(cfg)
+    out_dir = cfg.paths.get("output_dir") if "paths" in cfg else None
+    if settings["log_lines"]:
+        log.info("run dir: %s", out_dir)
+    if settings["config_tree"]:
+        show_config(cfg, out_dir, echo=bool(settings["log_lines"]))
     loggers = instantiate_group(cfg.get("logger"))
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    log_hyperparams(loggers, to_dict(cfg))
+    callbacks, trainer_kwargs = console_callbacks(instantiate_group(cfg.get("callbacks")), settings)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs
+    )
     start = time.time()
     try:
         trainer.fit(module, dm.task_dataloader(name, "train"), dm.task_dataloader(name, "val"))
@@ -119,6 +130,7 @@ def train_teacher(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_teacher")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     train_teacher(cfg)
 

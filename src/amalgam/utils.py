@@ -71,6 +71,35 @@ def dir_name(name: str, limit: int = 120) -> str:
     return safe
 
 
+def slurm_tasks(devices: Any) -> int:
+    """`${slurm_tasks:${trainer.devices}}`: SLURM tasks per node for Lightning's SLURM
+    environment, one per device. 'auto', -1 or a device list cannot be counted before the job
+    lands on a node, so they are refused here, at composition."""
+    if isinstance(devices, bool) or not isinstance(devices, int | str):
+        raise ValueError(
+            f"trainer.devices={devices!r}: with hydra/launcher=slurm give a device count (e.g. "
+            "trainer.devices=4); SLURM's tasks_per_node and gpus_per_node are set from it"
+        )
+    try:
+        n = int(devices)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise ValueError(
+            f"trainer.devices={devices!r}: with hydra/launcher=slurm give a device count (e.g. "
+            "trainer.devices=4); SLURM's tasks_per_node and gpus_per_node are set from it"
+        )
+    return n
+
+
+def slurm_gpus(accelerator: Any, devices: Any) -> int:
+    """`${slurm_gpus:${trainer.accelerator},${trainer.devices}}`: GPUs per node to ask SLURM
+    for: one per device, none for a CPU trainer."""
+    return 0 if str(accelerator) == "cpu" else slurm_tasks(devices)
+
+
+OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
+OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
 OmegaConf.register_new_resolver("pkg_file", package_file, replace=True)
 OmegaConf.register_new_resolver("dir_name", dir_name, replace=True)
 OmegaConf.register_new_resolver("imagenet_classes", imagenet_classes, replace=True)
