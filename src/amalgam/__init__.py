@@ -19,6 +19,7 @@ _EXPORTS = {
     "preset": "amalgam.api",
     "ConfigError": "amalgam.tasks",
     "AmalgamDataModule": "amalgam.data",
+    "Teacher": "amalgam.teachers.bank",
     "TeacherBank": "amalgam.teachers.bank",
     "load_teacher_bank": "amalgam.teachers.bank",
 }

@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -22,10 +25,25 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+from torch import nn
 
 from amalgam import report, rundir
-from amalgam.backbone import Backbone
+from amalgam.backbone import (
+    Backbone,
+    check_timm_module,
+    head_outputs,
+    input_channels,
+    rebuilds_from_name,
+    timm_arch,
+)
 from amalgam.build import build_amalgamation, build_datamodule, build_method, build_student, to_dict
+from amalgam.console import (
+    CONFIG_TREE,
+    console_callbacks,
+    console_settings,
+    show_config,
+    want_progress_bar,
+)
 from amalgam.data import AmalgamDataModule, Source
 from amalgam.evaluation import evaluate, model_stats
 from amalgam.launch import (
@@ -33,6 +51,8 @@ from amalgam.launch import (
     check_resume,
     checkpoint_bytes,
     claim_run_dir,
+    log_artifacts,
+    log_hyperparams,
     make_loggers,
     method_name,
     resume_checkpoint,
@@ -47,8 +67,9 @@ from amalgam.provenance import provenance
 from amalgam.reliability import AtomicCheckpointIO, CSVLogger
 from amalgam.rundir import check_free_space
 from amalgam.tasks import ConfigError
-from amalgam.teachers.bank import TeacherBank, load_teacher_bank
+from amalgam.teachers.bank import Teacher, TeacherBank, load_teacher_bank
 from amalgam.teachers.cache import open_or_build
+from amalgam.teachers.io import check_module_teacher
 from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
 
 PathLike = str | Path
@@ -167,12 +188,18 @@ def measure(module: AmalgamModule, dm: Any, device: Any = None) -> dict[str, Any
 
 
 def final_report(
-    module: AmalgamModule, dm: Any, out_dir: Path, extra: dict[str, Any], loggers: list[Any] = ()
+    module: AmalgamModule,
+    dm: Any,
+    out_dir: Path,
+    extra: dict[str, Any],
+    loggers: list[Any] = (),
+    show: bool = True,
 ) -> dict[str, Any]:
     """Evaluate student and teachers on the test split; write, print and log the report."""
     results = measure(module, dm) | extra
     paths = report.write(results, out_dir)
-    report.show(results)
+    if show:
+        report.show(results)
     report.log_to(list(loggers), results, paths["png"])
     log.info("results written to %s", paths["json"])
     return results
@@ -210,20 +237,72 @@ def val_metrics(metrics: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, f
 # ------------------------------------------------------------------------------ parts
 
 
-def _teacher_set(teachers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{name: path or teacher config} -> teacher_set entries."""
-    out = {}
+TEACHER_FORMS = (
+    "a weights path, a teacher config dict, (timm model, [class names]), "
+    "{'model': timm model, 'classes': [class names], ...} or amalgam.teachers.bank.Teacher"
+)
+TEACHER_FIELDS = {f.name for f in dataclasses.fields(Teacher)}
+
+
+def _in_memory(name: str, t: Any) -> Teacher | None:
+    """The `Teacher` that `t` gives in memory (checked), None when `t` names a teacher file."""
+    if isinstance(t, Teacher):
+        pass
+    elif isinstance(t, tuple | list) and len(t) == 2 and isinstance(t[0], nn.Module):
+        t = Teacher(t[0], t[1])
+    elif isinstance(t, Mapping) and "model" in t:
+        unknown = sorted(set(t) - TEACHER_FIELDS)
+        if unknown or "classes" not in t:
+            raise ConfigError(
+                f"teachers['{name}']: an in-memory teacher dict takes the keys "
+                f"{sorted(TEACHER_FIELDS)} ('model' and 'classes' needed); got {sorted(t)}"
+            )
+        t = Teacher(**dict(t))
+    elif isinstance(t, nn.Module):
+        raise ConfigError(
+            f"teachers['{name}']: a model alone does not say which class each logit is: give "
+            f"(model, [class names in logit order]) or Teacher(model, classes)"
+        )
+    else:
+        return None
+    check_module_teacher(name, t.model, t.classes)  # before any image is read
+    return t
+
+
+def _teacher_set(teachers: Mapping[str, Any]) -> dict[str, dict[str, Any] | Teacher]:
+    """{name: teacher} -> teacher_set entries: config dicts for teacher files, `Teacher`s for
+    timm classifiers in memory (checked here: timm API, head size, class list)."""
+    out: dict[str, dict[str, Any] | Teacher] = {}
     for name, t in teachers.items():
-        if isinstance(t, str | Path):
+        module = _in_memory(str(name), t)
+        if module is not None:
+            out[str(name)] = module
+        elif isinstance(t, str | Path):
             out[str(name)] = {"weights": str(t)}
         elif isinstance(t, Mapping):
             out[str(name)] = dict(to_dict(t))
         else:
-            raise ConfigError(
-                f"teachers['{name}']: give a weights path or a teacher config dict, "
-                f"got {type(t).__name__}"
-            )
+            raise ConfigError(f"teachers['{name}']: give {TEACHER_FORMS}; got {type(t).__name__}")
     return out
+
+
+def _teacher_tasks(teacher_set: Mapping[str, dict[str, Any] | Teacher]) -> dict[str, list[Any]]:
+    """Each teacher's classes, in teacher order: a file's from its metadata or config, an
+    in-memory teacher's as given."""
+    from amalgam.build import teacher_tasks
+
+    files = {n: t for n, t in teacher_set.items() if not isinstance(t, Teacher)}
+    known = teacher_tasks(files) if files or not teacher_set else {}
+    return {
+        n: list(t.classes) if isinstance(t, Teacher) else known[n] for n, t in teacher_set.items()
+    }
+
+
+def _teacher_entry(t: dict[str, Any] | Teacher, path: str) -> dict[str, Any]:
+    """The teacher_set entry a checkpoint stores: the file (an in-memory teacher's saved copy,
+    '' when none could be saved) and its own feature indices."""
+    idx = t.feature_indices if isinstance(t, Teacher) else t.get("feature_indices")
+    return {"weights": str(path), **({"feature_indices": list(idx)} if idx is not None else {})}
 
 
 def _datamodule(data: Any, tasks: Mapping[str, Sequence[Any]]) -> AmalgamDataModule:
@@ -253,6 +332,12 @@ def _check_same_space(dm: AmalgamDataModule, bank: TeacherBank) -> None:
         )
 
 
+STUDENT_FIX = (
+    "give a timm.create_model(...) module, a timm arch name, a student config dict "
+    "(conf/student/*.yaml keys) or an amalgam.backbone.Backbone"
+)
+
+
 def _student(student: Any, num_classes: int) -> tuple[Backbone, dict[str, Any] | None]:
     """(student, its config if it has one)."""
     if isinstance(student, Backbone):
@@ -262,16 +347,75 @@ def _student(student: Any, num_classes: int) -> tuple[Backbone, dict[str, Any] |
                 f"student: its head has {n} outputs but the teachers' union has {num_classes} "
                 "classes; build it for the union (or pass its arch name / config dict)"
             )
-        return student, None
+        return student, _rebuild_config(student, num_classes)
+    if isinstance(student, nn.Module):
+        return _timm_student(student, num_classes)
     if isinstance(student, str):
         student = {"arch": student}
     if isinstance(student, Mapping):
         cfg = dict(to_dict(student))
         return build_student(cfg, num_classes), cfg
-    raise ConfigError(
-        "student: give a timm arch name, a student config dict (conf/student/*.yaml keys) or "
-        f"an amalgam.backbone.Backbone; got {type(student).__name__}"
-    )
+    raise ConfigError(f"student: {STUDENT_FIX}; got {type(student).__name__}")
+
+
+def _timm_student(model: nn.Module, num_classes: int) -> tuple[Backbone, dict[str, Any] | None]:
+    """A timm classifier in memory as the student: the module itself, wrapped (not copied),
+    its head reset to the union classes when it has another size. Its config, for checkpoints
+    to be loaded back, when timm rebuilds its architecture from its arch name alone."""
+    check_timm_module(model, "student", STUDENT_FIX)
+    n = head_outputs(model)
+    if n != num_classes:
+        model.reset_classifier(num_classes)
+        got = head_outputs(model)
+        if got != num_classes:
+            raise ConfigError(
+                f"student: reset_classifier({num_classes}) left its head with {got} outputs; "
+                f"give a timm model whose head has one output per union class ({num_classes})"
+            )
+        (log.info if not n else log.warning)(
+            "student: its head had %s outputs; reset_classifier(%d) gave it a new, untrained "
+            "head over the %d union classes",
+            n,
+            num_classes,
+            num_classes,
+        )
+    net = Backbone(model, input_channels(model))
+    return net, _rebuild_config(net, num_classes)
+
+
+def _rebuild_config(net: Backbone, num_classes: int) -> dict[str, Any] | None:
+    """The student config that rebuilds `net` (a timm model from its arch name alone, and the
+    Backbone's preprocessing), for checkpoints to load back; None, with a warning, if none does."""
+    model = net.model
+    arch = timm_arch(model)
+    if arch is None or not rebuilds_from_name(model, arch, num_classes, net.in_chans):
+        log.warning(
+            "student: timm cannot rebuild %s from its arch name alone (built with other "
+            "arguments?), so this run's checkpoints store no student config: amalgam.load "
+            "needs overrides={'student': {...}}",
+            arch or type(model).__name__,
+        )
+        return None
+    mean, std = net.norm
+    return {
+        "arch": arch,
+        "in_chans": net.in_chans,
+        "input_size": net.input_size,
+        "mean": mean,
+        "std": std,
+        "pretrained": False,  # every tensor comes from the checkpoint
+        "weights": None,
+        "feature_indices": list(net.feature_indices),
+    }
+
+
+def _check_not_a_teacher(student: Any, bank: TeacherBank) -> None:
+    for name, t in bank.teachers.items():
+        if student is t.model:
+            raise ConfigError(
+                f"student: it is the module of teacher '{name}', which stays frozen; give the "
+                "student its own module (timm.create_model(...), or copy.deepcopy(teacher))"
+            )
 
 
 def _feature_indices(student: Any) -> list[int]:
@@ -330,8 +474,17 @@ class Amalgamation:
 
     From Python objects (each part as an object or as config):
 
-    - teachers: {name: weights path | teacher config dict} or a TeacherBank;
-    - student: a timm arch name, a student config dict, or a Backbone over the union classes;
+    - teachers: {name: teacher} or a TeacherBank. A teacher is a weights path, a teacher config
+      dict, or a trained timm classifier in memory with its class names in logit order:
+      `(model, classes)`, `{"model": model, "classes": classes, ...}` or `Teacher(model,
+      classes, mean=, std=, input_size=, feature_indices=)` (amalgam.teachers.bank). Such a
+      module is frozen in place (eval, requires_grad False) and never trained; its head must
+      have one output per class. It normalises with `mean`/`std`, else its timm data config
+      (`pretrained_cfg`), and sees the data's images at their size unless `input_size`. A copy
+      is saved under output_dir/teachers/ (named by its hash) for checkpoints to load back;
+    - student: a timm model (`timm.create_model(...)`, trained in place: `.student.model` is
+      that module; a head of another size is reset to the union classes), a timm arch name, a
+      student config dict, or a Backbone over the union classes;
     - data: a Source, a dict of AmalgamDataModule arguments with its `source`, a data config
       with `_target_`, or an AmalgamDataModule whose tasks are the teachers' classes;
     - method: a preset name (conf/method/), a method config, a Method class/partial, or a Method;
@@ -339,7 +492,9 @@ class Amalgamation:
     - trainer: a dict of lightning.Trainer arguments (over DEFAULT_TRAINER) or a Trainer;
     - seed: seeds everything before any part is built (None: leave the RNGs alone);
     - loggers: None for a CSV logger in output_dir, [] for none; callbacks: Lightning callbacks;
-    - teacher_cache: a directory to cache teacher outputs in (teachers run once, not per step).
+    - teacher_cache: a directory to cache teacher outputs in (teachers run once, not per step);
+    - verbose: False for a quiet fit: no progress bar, no log lines, no printed table (the
+      results files and config_tree.log are written all the same).
 
     Or `Amalgamation.from_config(cfg)` for a composed config (see `compose`), as the CLI does.
     """
@@ -360,6 +515,7 @@ class Amalgamation:
         teacher_dtype: str = "float32",
         teacher_cache: PathLike | None = None,
         cache_views: int = 4,
+        verbose: bool = True,
     ) -> None:
         quiet_known_warnings()
         out_dir = Path(output_dir) if output_dir else _timestamped(Path("logs") / "api" / "runs")
@@ -377,14 +533,23 @@ class Amalgamation:
             dm = _datamodule(data, {n: list(m.classes) for n, m in bank.metas.items()})
             teacher_set = {n: {"weights": p} for n, p in bank.paths.items()}
         else:
-            from amalgam.build import teacher_tasks
-
             teacher_set = _teacher_set(teachers)
-            dm = _datamodule(data, teacher_tasks(teacher_set))
-            for name in teacher_set:
-                teacher_set[name]["class_names"] = list(dm.label_space.task(name).classes)
-            bank = load_teacher_bank(teacher_set, _feature_indices(student), teacher_dtype)
+            dm = _datamodule(data, _teacher_tasks(teacher_set))
+            for name, t in teacher_set.items():  # the data's names for the classes
+                classes = list(dm.label_space.task(name).classes)
+                if isinstance(t, Teacher):
+                    teacher_set[name] = dataclasses.replace(t, classes=classes)
+                else:
+                    t["class_names"] = classes
+            bank = load_teacher_bank(
+                teacher_set,
+                _feature_indices(student),
+                teacher_dtype,
+                save_dir=out_dir / "teachers",  # in-memory teachers, as files to load back
+            )
+            teacher_set = {n: _teacher_entry(t, bank.paths[n]) for n, t in teacher_set.items()}
         _check_same_space(dm, bank)
+        _check_not_a_teacher(student, bank)
         student_net, student_cfg = _student(student, bank.space.num_classes)
         method_obj, method_cfg = _method(method, bank, student_net, dm)
         rule = method_obj.targets
@@ -393,7 +558,7 @@ class Amalgamation:
         config = {  # enough for amalgam.load() when every part came as config
             "seed": seed,
             "teacher_dtype": teacher_dtype,
-            "teacher_set": {n: {"weights": str(t["weights"])} for n, t in teacher_set.items()},
+            "teacher_set": teacher_set,
             "student": student_cfg,
             "method": method_cfg,
             "optim": optim_cfg,
@@ -422,12 +587,20 @@ class Amalgamation:
             if isinstance(trainer, L.Trainer):
                 return trainer
             kwargs = {**DEFAULT_TRAINER, "default_root_dir": str(out_dir), **(trainer or {})}
+            if not verbose:
+                kwargs["enable_progress_bar"] = False
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # crash-safe checkpoints
             return L.Trainer(**kwargs, logger=lg or False, callbacks=cb)
 
         self._setup(dm, module, out_dir, info, None)
+        self._console = {
+            "progress_bar": verbose,
+            "every_n_steps": None,
+            "config_tree": True,
+            "log_lines": verbose,
+        }
         self._make_loggers = make_loggers
-        self._make_callbacks = lambda: list(callbacks or [])
+        self._make_callbacks = lambda: console_callbacks(list(callbacks or []), self._console)[0]
         self._make_trainer = make_trainer
 
     # -------------------------------------------------------------- other constructors
@@ -487,9 +660,17 @@ class Amalgamation:
         self = cls.__new__(cls)
         self._setup(dm, module, out_dir, info, cfg, resume_from)
         self._make_loggers = functools.partial(make_loggers, cfg, variant)
-        self._make_callbacks = lambda: instantiate_group(cfg.get("callbacks"))
+        settings = console_settings(cfg)
+        bar = want_progress_bar(settings["progress_bar"])
+        self._console = settings
+        self._make_callbacks = lambda: console_callbacks(
+            instantiate_group(cfg.get("callbacks")), settings
+        )[0]
         self._make_trainer = lambda lg, cb: hydra.utils.instantiate(
-            cfg.trainer, logger=lg or False, callbacks=cb
+            cfg.trainer,
+            logger=lg or False,
+            callbacks=cb,
+            **({} if bar else {"enable_progress_bar": False}),
         )
         return self
 
@@ -510,7 +691,9 @@ class Amalgamation:
         from amalgam.evaluate import load_amalgamation, read_checkpoint
 
         quiet_known_warnings()
-        stored = read_checkpoint(ckpt_path, trust_targets)["amalgam"].get("config") or {}
+        record = read_checkpoint(ckpt_path, trust_targets)["amalgam"]
+        stored = record.get("config") or {}
+        _check_teacher_files(ckpt_path, record.get("teachers"), overrides)
         missing = [
             k for k in ("data", "student", "method", "optim") if not (overrides or {}).get(k)
         ]
@@ -599,13 +782,24 @@ class Amalgamation:
             rundir.release(self.output_dir)
 
     def _fit(self, module: AmalgamModule, dm: Any, resume_from: Path | None) -> dict[str, Any]:
+        console = getattr(self, "_console", None) or console_settings(None)
+        if console.get("log_lines", True):
+            log.info("run dir: %s", self.output_dir)
+        hparams = to_dict(self.config) if self.config is not None else module.record.get("config")
+        if console.get("config_tree", True) and hparams:
+            show_config(hparams, self.output_dir, echo=bool(console.get("log_lines", True)))
         loggers = self._make_loggers(resume_from)
         module.record["wandb_id"] = wandb_id(loggers)
+        log_hyperparams(loggers, hparams)
         callbacks = self._make_callbacks()
         trainer = self._make_trainer(loggers, callbacks)
         self.trainer = trainer
         start = time.time()
         failed = True
+        quiet = contextlib.ExitStack()
+        if not console.get("log_lines", True):  # Lightning's "GPU available" and such
+            for name in ("lightning.pytorch", "lightning.fabric"):
+                quiet.enter_context(_level(logging.getLogger(name), logging.WARNING))
         try:
             train = (
                 dm.labeled_train_dataloader()
@@ -636,10 +830,15 @@ class Amalgamation:
                     "val": val_metrics(trainer.callback_metrics, module.space.names),
                     "provenance": provenance(),
                 }
-                results = final_report(module, dm, self.output_dir, self._info, loggers)
+                results = final_report(
+                    module, dm, self.output_dir, self._info, loggers, show=console["log_lines"]
+                )
+                files = [ckpt, *(self.output_dir / f"results.{x}" for x in ("json", "md", "png"))]
+                log_artifacts(loggers, self.output_dir, [*files, self.output_dir / CONFIG_TREE])
             self.results = results
             failed = False
         finally:
+            quiet.close()
             finish_loggers(loggers, failed)
         return results
 
@@ -654,6 +853,39 @@ class Amalgamation:
         if show:
             report.show(results)
         return results
+
+
+def _check_teacher_files(
+    ckpt_path: PathLike, teachers: Any, overrides: Mapping[str, Any] | None
+) -> None:
+    """Refuse a checkpoint naming an in-memory teacher of which no file was saved, unless
+    `overrides` give its file."""
+    given = (overrides or {}).get("teacher_set") or {}
+    teachers = teachers if isinstance(teachers, Mapping) else {}
+    no_file = [
+        str(n)
+        for n, t in teachers.items()
+        if not (isinstance(t, Mapping) and t.get("path"))
+        and not (isinstance(given.get(n), Mapping) and given[n].get("weights"))
+    ]
+    if no_file:
+        raise ConfigError(
+            f"checkpoint '{ckpt_path}': teachers {no_file} were given in memory and no file of "
+            "them was saved (timm could not rebuild them from their arch name); write each with "
+            "amalgam.teachers.export_teacher and pass overrides={'teacher_set': {"
+            + ", ".join(f"'{n}': {{'weights': <file>}}" for n in no_file)
+            + "}}"
+        )
+
+
+@contextlib.contextmanager
+def _level(logger: logging.Logger, level: int) -> Any:
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def _is_config(part: Any) -> bool:

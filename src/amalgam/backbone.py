@@ -457,3 +457,81 @@ class Backbone(nn.Module):
         out = self(x)
         self.train(was_training)
         return [tuple(f.shape[1:]) for f in out.features]
+
+
+# ------------------------------------------------------------------ timm models given in memory
+
+# what Backbone and the head checks call on a model handed over as a module
+TEACHER_API = ("forward_features", "forward_head", "get_classifier")
+STUDENT_API = (*TEACHER_API, "reset_classifier")
+
+
+def check_timm_module(model: Any, key: str, fix: str, needs: Sequence[str] = STUDENT_API) -> None:
+    """Refuse, in one line, an object that is not a timm classifier: a torch module with timm's
+    `needs` methods (forward_features, forward_head, get_classifier, reset_classifier)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{key}: a {type(model).__name__} is not a torch module; {fix}")
+    missing = [m for m in needs if not callable(getattr(model, m, None))]
+    if missing:
+        raise ConfigError(
+            f"{key}: a {type(model).__name__} is not a timm model (it has no "
+            f"{', '.join(missing)}); {fix}"
+        )
+
+
+def head_outputs(model: nn.Module) -> int | None:
+    """How many logits the model's classification head gives: the width of timm's
+    `get_classifier()` (out_features of its last Linear, out_channels of a 1x1 conv), 0 for no
+    head (timm's num_classes=0 leaves nn.Identity), else the model's `num_classes`; None when
+    none of these tells."""
+    head = model.get_classifier()
+    if isinstance(head, tuple | list):  # distilled ViTs: (head, head_dist)
+        head = head[0] if head else None
+    if isinstance(head, nn.Identity):
+        return 0
+    if isinstance(head, nn.Module):
+        for m in reversed(list(head.modules())):
+            for attr in ("out_features", "out_channels"):
+                n = getattr(m, attr, None)
+                if isinstance(n, int):
+                    return n
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels the model's first convolution takes (timm's `in_chans`); else those of its
+    pretrained config's input_size, else 3."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(size[0]) if size else 3
+
+
+def timm_arch(model: nn.Module) -> str | None:
+    """The timm architecture name in the model's `pretrained_cfg` (set by timm.create_model),
+    None when it has none or this timm does not know it."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    return str(name) if name and timm.is_model(str(name)) else None
+
+
+def _signature(model: nn.Module) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    modules = [type(m).__name__ for m in model.modules()]
+    return modules, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def rebuilds_from_name(model: nn.Module, arch: str, num_classes: int, in_chans: int = 3) -> bool:
+    """Whether `timm.create_model(arch, num_classes=, in_chans=)` (pretrained=False, no other
+    arguments) builds `model`'s architecture: the same module classes in the same order and the
+    same state-dict keys and shapes. Built on the meta device: no memory, no weights."""
+    kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
+    try:
+        with torch.device("meta"):
+            fresh = timm.create_model(arch, **kwargs)
+    except Exception:
+        try:  # an init that the meta device does not run: build it for real
+            fresh = timm.create_model(arch, **kwargs)
+        except Exception:
+            return False
+    return _signature(fresh) == _signature(model)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,15 @@ from torch import nn
 
 from amalgam.backbone import Backbone, ModelOutput
 from amalgam.tasks import ConfigError, LabelSpace
-from amalgam.teachers.io import TeacherMeta, build_teacher, module_hash, resolve_meta
+from amalgam.teachers.io import (
+    TeacherMeta,
+    build_teacher,
+    module_hash,
+    module_teacher,
+    resolve_meta,
+    save_teacher_copy,
+)
+from amalgam.utils import log
 
 
 @dataclass
@@ -21,6 +30,27 @@ class TeacherOutputs:
 
     logits: list[torch.Tensor]
     features: list[list[torch.Tensor]]
+
+
+@dataclass(eq=False)
+class Teacher:
+    """A trained teacher in memory: a timm classifier and the class names of its logits.
+
+    `model`: from `timm.create_model(arch, num_classes=len(classes))`, trained; it is used as is
+    (not copied) and frozen in place: eval mode, requires_grad False. `classes`: one name per
+    output of its head, in logit order (names of the data's classes, or indices into them).
+    `mean`/`std`: its normalisation of [0, 1] images; None: the model's timm data config (its
+    `pretrained_cfg`). `input_size`: images are resized to it; None: the teacher sees the data
+    module's images at the data's image_size. `feature_indices`: the maps its features come
+    from; None: the student's.
+    """
+
+    model: nn.Module = field(repr=False)
+    classes: Sequence[Any]
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    input_size: int | None = None
+    feature_indices: Sequence[int] | None = None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,14 +151,42 @@ def teacher_weights(name: str, cfg: Mapping[str, Any]) -> str:
 
 
 def load_teacher_bank(
-    teacher_set: Mapping[str, Mapping[str, Any]],
+    teacher_set: Mapping[str, Mapping[str, Any] | Teacher],
     feature_indices: Sequence[int] = (-1,),
     dtype: str | torch.dtype = "float32",
     channels_last: bool = False,
+    save_dir: str | os.PathLike | None = None,
 ) -> TeacherBank:
-    """Build the bank from `teacher_set` config entries (key = teacher/task name)."""
+    """Build the bank from `teacher_set` entries (key = teacher/task name): teacher config
+    entries (a weights file and its metadata), or `Teacher`s (timm classifiers in memory).
+
+    With `save_dir`, each in-memory teacher is also written there as a teacher file
+    (`save_teacher_copy`, named by its weights' hash) and the bank's path for it is that file,
+    so checkpoints can be loaded back from files; a teacher timm cannot rebuild from its arch
+    name alone gets no file (its path is '', and a warning says so). Saved before any cast to
+    `dtype`, the files hold the float32 weights.
+    """
     teachers, metas, paths = {}, {}, {}
     for name, cfg in teacher_set.items():
+        if isinstance(cfg, Teacher):
+            idx = feature_indices if cfg.feature_indices is None else cfg.feature_indices
+            teacher, meta = module_teacher(
+                name, cfg.model, cfg.classes, cfg.mean, cfg.std, cfg.input_size, idx
+            )
+            path = save_teacher_copy(cfg.model, meta, save_dir) if save_dir is not None else None
+            if save_dir is not None and path is None:
+                log.warning(
+                    "teacher '%s': timm cannot rebuild it from its arch name '%s' alone (built "
+                    "with other arguments?), so no copy is saved in %s: amalgam.load of this "
+                    "run's checkpoints needs overrides={'teacher_set': {'%s': {'weights': "
+                    "<its file>}}} (amalgam.teachers.export_teacher writes one)",
+                    name,
+                    meta.arch,
+                    save_dir,
+                    name,
+                )
+            teachers[name], metas[name], paths[name] = teacher, meta, str(path or "")
+            continue
         cfg = dict(cfg)
         weights = teacher_weights(name, cfg)
         meta = resolve_meta(

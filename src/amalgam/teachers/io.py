@@ -9,16 +9,29 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from amalgam.backbone import Backbone, classifier_prefix, create_timm, default_norm, head_keys
+from amalgam.backbone import (
+    TEACHER_API,
+    Backbone,
+    check_timm_module,
+    classifier_prefix,
+    create_timm,
+    default_norm,
+    head_keys,
+    head_outputs,
+    input_channels,
+    rebuilds_from_name,
+    timm_arch,
+)
 from amalgam.tasks import ConfigError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -413,3 +426,106 @@ def build_teacher(meta: TeacherMeta, weights: str | os.PathLike, feature_indices
     teacher = Backbone(model, meta.in_chans, meta.input_size, meta.mean, meta.std, feature_indices)
     teacher.requires_grad_(False).eval()
     return teacher
+
+
+# ------------------------------------------------------------------ teachers given in memory
+
+MODULE_FIX = (
+    "give a classifier from timm.create_model(..., num_classes=<its number of classes>) with "
+    "its trained weights, and its class names in logit order: (model, [names])"
+)
+
+
+def check_module_teacher(name: str, model: Any, classes: Any) -> list[str]:
+    """Refuse an in-memory teacher that cannot be used as given: not a timm classifier, weights
+    not in float32, an empty or repeating class list, a head whose outputs are not one per
+    class. Returns the class list (as given: names, or indices into the data's classes)."""
+    key = f"teacher '{name}'"
+    check_timm_module(model, key, MODULE_FIX, TEACHER_API)
+    if isinstance(classes, str | bytes) or not isinstance(classes, Sequence):
+        raise ConfigError(
+            f"{key}: its classes must be a list of class names in logit order, got "
+            f"{type(classes).__name__}"
+        )
+    classes = list(classes)
+    if not classes:
+        raise ConfigError(f"{key}: empty class list; give its class names in logit order")
+    repeated = sorted({str(c) for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"{key}: class names {repeated} repeat; give one name per logit")
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if dtypes:
+        raise ConfigError(
+            f"{key}: its weights are {', '.join(dtypes)}; give it in float32 (model.float()) "
+            "and set teacher_dtype='bfloat16' for a half-precision teacher bank"
+        )
+    n = head_outputs(model)
+    if n != len(classes):
+        what = {
+            0: "no classification head (built with num_classes=0)",
+            None: "outputs amalgam cannot count (get_classifier() is no Linear or conv)",
+        }.get(n, f"{n} outputs")
+        raise ConfigError(
+            f"{key}: its head has {what} but its class list has {len(classes)} classes: give "
+            "one class name per output of its trained head, in logit order (or the model that "
+            "was trained on these classes)"
+        )
+    return classes
+
+
+def module_teacher(
+    name: str,
+    model: nn.Module,
+    classes: Sequence[Any],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: int | None = None,
+    feature_indices: Sequence[int] = (-1,),
+) -> tuple[Backbone, TeacherMeta]:
+    """A teacher from a timm classifier in memory, and its metadata: the module itself is
+    wrapped, frozen in place (eval mode, requires_grad False), never copied.
+
+    Normalisation: `mean`/`std`, else the model's timm data config (its `pretrained_cfg`,
+    `timm.data.resolve_model_data_config`). `input_size`: images are resized to it, else the
+    teacher sees the data module's images at their size. `meta.sha256` hashes its weights now.
+    """
+    classes = [str(c) for c in check_module_teacher(name, model, classes)]
+    in_chans = input_channels(model)
+    teacher = Backbone(model, in_chans, input_size, mean, std, feature_indices)
+    teacher.requires_grad_(False).eval()
+    norm_mean, norm_std = teacher.norm
+    meta = TeacherMeta(
+        name=name,
+        arch=timm_arch(model) or type(model).__name__,
+        classes=classes,
+        in_chans=in_chans,
+        input_size=input_size,
+        mean=norm_mean,
+        std=norm_std,
+        sha256=module_hash(model),
+        extra={"given_as": "module"},
+    )
+    return teacher, meta
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "teacher"
+
+
+def save_teacher_copy(
+    model: nn.Module, meta: TeacherMeta, directory: str | os.PathLike
+) -> Path | None:
+    """Write an in-memory teacher as a teacher file: `<name>-<sha256[:12]>.safetensors` in
+    `directory`, its metadata beside it (named by its hash, so a file already there holds the
+    same weights), for a checkpoint naming it to be loaded back. None, and nothing written, when
+    timm cannot rebuild the architecture from `meta.arch` alone (other constructor arguments)."""
+    if not timm.is_model(meta.arch) or not rebuilds_from_name(
+        model, meta.arch, len(meta.classes), meta.in_chans
+    ):
+        return None
+    path = Path(directory) / f"{_safe_name(meta.name)}-{meta.sha256[:12]}.safetensors"
+    copy = replace(meta, extra=dict(meta.extra))
+    export_teacher(model, copy, path=path)  # atomic; the same bytes when the file was there
+    if copy.sha256 != meta.sha256:
+        raise ConfigError(f"teacher '{meta.name}': its weights changed while being saved")
+    return path
