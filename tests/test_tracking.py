@@ -148,20 +148,37 @@ def test_wandb_sweep_config_groups_artifacts_and_console(tiny_teachers, tmp_path
 
 
 @pytest.mark.slow
-def test_csv_logger_writes_hparams(tiny_teachers, tmp_path):
-    from amalgam.amalgamate import amalgamate
+def test_hparams_file_and_reference_ensemble_beside_the_rule(tiny_teachers, tmp_path):
+    """The CSV logger's hparams.yaml holds the config; under a rule other than concat the
+    results also give the teachers' concat ensemble, from the same teachers and images."""
     from conftest import make_cfg
+
+    from amalgam.api import Amalgamation
+    from amalgam.evaluation import evaluate
+    from amalgam.report.run import rows
 
     cfg = make_cfg(
         "amalgamate",
-        ["experiment=tiny", "debug=fast_dev_run", "console.progress_bar=false"],
+        ["experiment=tiny", "debug=fast_dev_run", "targets=ood_msp", "console.progress_bar=false"],
         tiny_teachers,
         tmp_path / "run",
     )
-    amalgamate(cfg)
+    am = Amalgamation.from_config(cfg)
+    results = am.fit()
     hp = yaml.safe_load((tmp_path / "run" / "csv" / "hparams.yaml").read_text())
     assert hp["method"]["name"] == "cfl" and hp["seed"] == 1337
+    assert hp["targets"]["_target_"] == "amalgam.targets.OODGate"
     assert (tmp_path / "run" / "config_tree.log").is_file()
+    joint = results["joint"]
+    assert joint["target_rule"] != "Concat"
+    m = am.module
+    concat = evaluate(m.student, m.teachers, am.datamodule.test_dataloader(), m.space, "cpu")
+    assert joint["teacher_ensemble_concat_acc"] == pytest.approx(
+        concat["joint"]["teacher_ensemble_acc"]
+    )
+    labels = [r[0] for r in rows(results)]
+    assert labels[-1] == "joint (teachers: Concat, the reference rule)"
+    assert "Concat, the reference rule" in (tmp_path / "run" / "results.md").read_text()
 
 
 # ------------------------------------------------------------------------------ console parts

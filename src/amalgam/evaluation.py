@@ -124,6 +124,10 @@ def evaluate(
     # local to this process: the final report runs on rank 0 alone, never a collective
     s_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device)
     t_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device)
+    # the reference code's rule (concatenated logits) beside any other rule, from the same
+    # teachers on the same images: what the chosen rule buys
+    rule = type(targets).__name__ if targets is not None else "Concat"
+    ref_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device) if rule != "Concat" else None
     # each teacher's own head on its own task (a shared class must not borrow another's logit)
     own = [AmalgamAccuracy(space, sync_on_compute=False).to(device) for _ in space.tasks]
     index = [torch.tensor(space.indices(t.name), device=device) for t in space.tasks]
@@ -139,6 +143,8 @@ def evaluate(
         logits = out.logits
         log_q = union_log_targets(logits, space, targets, out.features if feats else None)
         t_acc.update(log_q, y)
+        if ref_acc is not None:
+            ref_acc.update(union_log_targets(logits, space, None, None), y)
         conf["student"] += task_confusion(s_logits.argmax(1), y, owner, n_tasks)
         conf["teachers"] += task_confusion(log_q.argmax(1), y, owner, n_tasks)
         for metric, z, idx in zip(own, logits, index, strict=True):
@@ -162,8 +168,10 @@ def evaluate(
         "student_acc": float(s["joint"]),
         "teacher_ensemble_acc": float(t["joint"]),
         "n_test": n,
-        "target_rule": type(targets).__name__ if targets is not None else "Concat",
+        "target_rule": rule,
     }
+    if ref_acc is not None:
+        joint["teacher_ensemble_concat_acc"] = float(ref_acc.compute()["joint"])
     confusion = {
         "tasks": list(space.names),
         "student": conf["student"].tolist(),
