@@ -144,9 +144,16 @@ def test_cub_dogs_end_to_end_on_miniature_archives_with_hub_weights(tmp_path: Pa
 
     # the export names an arch timm rebuilds offline and the file transform of timm mode
     run("amalgam.export", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", env=env, cwd=tmp_path)
-    info = json.loads((out / "export" / "student.json").read_text())
-    assert info["arch"] == "resnet34.tv_in1k" and info["num_classes"] == 6
+    config = json.loads((out / "export" / "config.json").read_text())
+    info = config["amalgam"]
+    assert info["arch"] == "resnet34.tv_in1k" and config["num_classes"] == 6
     ft = info["preprocessing"]["file_transform"]
     assert (ft["image_size"], ft["crop_pct"], ft["interpolation"]) == (224, 0.875, "bilinear")
-    card = (out / "export" / "student.md").read_text()
+    pc = config["pretrained_cfg"]
+    assert (pc["input_size"], pc["crop_pct"], pc["interpolation"]) == (
+        [3, 224, 224],
+        0.875,
+        "bilinear",
+    )
+    card = (out / "export" / "README.md").read_text()
     assert "resize the shorter side to 256 (bilinear), crop the centre 224x224" in card

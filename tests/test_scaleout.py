@@ -182,6 +182,7 @@ def wandb_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.long  # test_tracking's offline sweep reads the same runs back, inside make test
 def test_wandb_offline_logs_metrics(tiny_teachers, tmp_path):
     run = tmp_path / "run"
     cli(

@@ -151,11 +151,10 @@ def test_wandb_sweep_config_groups_artifacts_and_console(tiny_teachers, tmp_path
 def test_hparams_file_and_reference_ensemble_beside_the_rule(tiny_teachers, tmp_path):
     """The CSV logger's hparams.yaml holds the config; under a rule other than concat the
     results also give the teachers' concat ensemble, from the same teachers and images."""
-    from conftest import make_cfg
-
     from amalgam.api import Amalgamation
     from amalgam.evaluation import evaluate
     from amalgam.report.run import rows
+    from conftest import make_cfg
 
     cfg = make_cfg(
         "amalgamate",
