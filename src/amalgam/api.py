@@ -42,7 +42,7 @@ from amalgam.console import (
     console_callbacks,
     console_settings,
     show_config,
-    want_progress_bar,
+    trainer_kwargs,
 )
 from amalgam.data import AmalgamDataModule, Source
 from amalgam.evaluation import evaluate, model_stats
@@ -661,7 +661,6 @@ class Amalgamation:
         self._setup(dm, module, out_dir, info, cfg, resume_from)
         self._make_loggers = functools.partial(make_loggers, cfg, variant)
         settings = console_settings(cfg)
-        bar = want_progress_bar(settings["progress_bar"])
         self._console = settings
         self._make_callbacks = lambda: console_callbacks(
             instantiate_group(cfg.get("callbacks")), settings
@@ -670,7 +669,7 @@ class Amalgamation:
             cfg.trainer,
             logger=lg or False,
             callbacks=cb,
-            **({} if bar else {"enable_progress_bar": False}),
+            **trainer_kwargs(settings),
         )
         return self
 

@@ -238,10 +238,17 @@ def console_callbacks(
     ConsoleLog unless one is given already."""
     from lightning.pytorch.callbacks import ProgressBar
 
-    kwargs: dict[str, Any] = {}
-    if not want_progress_bar(settings.get("progress_bar", "auto")):
+    kwargs = trainer_kwargs(settings)
+    if "enable_progress_bar" in kwargs:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-        kwargs["enable_progress_bar"] = False
     if settings.get("log_lines", True) and not any(isinstance(c, ConsoleLog) for c in callbacks):
         callbacks = [*callbacks, ConsoleLog(settings.get("every_n_steps"))]
     return callbacks, kwargs
+
+
+def trainer_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The Trainer arguments the console settings ask for: without a progress bar,
+    `enable_progress_bar=False` (else Lightning adds its tqdm bar)."""
+    if want_progress_bar(settings.get("progress_bar", "auto")):
+        return {}
+    return {"enable_progress_bar": False}

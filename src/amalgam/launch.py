@@ -21,7 +21,7 @@ from amalgam import rundir
 from amalgam.build import to_dict
 from amalgam.tasks import ConfigError
 from amalgam.teachers.io import torch_load_safely
-from amalgam.utils import log
+from amalgam.utils import log, shorten
 from amalgam.validate import check_checkpoint, check_run_dirs, check_seed, check_writable_dir
 
 
@@ -53,6 +53,31 @@ def method_name(cfg: DictConfig) -> str:
     return str(cfg.method.get("name") or cfg.method._target_.rsplit(".", 1)[-1])
 
 
+# Keys that say where a run writes, logs and loads, not what it computes: neither a resumed run's
+# config change (RESUME_IGNORED) nor a sweep's variant (NOT_VARIANT). A key covers every key below
+# it (`under`).
+RUN_PLACE = (
+    "ckpt_path",
+    "resume_changes",
+    "trust_targets",
+    "paths",
+    "hydra",
+    "logger",
+    "teacher_cache.dir",
+    "data.num_workers",
+    "data.persistent_workers",
+    "data.pin_memory",
+    "trainer.enable_progress_bar",
+    "trainer.default_root_dir",
+    "optimized_metric",
+)
+
+
+def under(key: str, keys: Sequence[str]) -> bool:
+    """Whether `key` is one of `keys` or lies below one (`a.b.c` is under `a.b`)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
 # Overrides that say where or how a run executes, not what it computes: they neither split a
 # sweep's variants nor appear in its report rows. NOT_VARIANT: the key or any key below it
 # (`logger` covers `logger=wandb` and `logger.wandb.offline=true`); NOT_VARIANT_CHOICE: the group
@@ -60,9 +85,7 @@ def method_name(cfg: DictConfig) -> str:
 # own exclude_keys (hydra.job.config.override_dirname.exclude_keys: seed, experiment, ...) are
 # left out as well.
 NOT_VARIANT = (
-    "hydra",
-    "logger",
-    "paths",
+    *RUN_PLACE,
     "callbacks.model_checkpoint",
     "callbacks.progress",
     "callbacks.lr_monitor",
@@ -72,17 +95,7 @@ NOT_VARIANT = (
     "trainer.num_nodes",
     "trainer.accelerator",
     "trainer.strategy",
-    "trainer.enable_progress_bar",
-    "trainer.default_root_dir",
     "trainer.log_every_n_steps",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.persistent_workers",
-    "teacher_cache.dir",
-    "ckpt_path",
-    "resume_changes",
-    "trust_targets",
-    "optimized_metric",
     "tags",
     "console",
     "seed",
@@ -100,7 +113,7 @@ def is_variant_key(key: str, excluded: Sequence[str] = ()) -> bool:
     """Whether an override of `key` changes the experiment (and so names a variant)."""
     if key in NOT_VARIANT_CHOICE or key in excluded:
         return False
-    return not any(key == k or key.startswith(k + ".") for k in NOT_VARIANT)
+    return not under(key, NOT_VARIANT)
 
 
 def variant_of(overrides: Sequence[str], excluded: Sequence[str] = ()) -> str:
@@ -201,15 +214,6 @@ def step_of(ckpt: Path) -> int:
     return resume_state(ckpt).step
 
 
-def _short(text: str, limit: int) -> str:
-    """`text` within wandb's length limits (group 128, tags 64): its head and a hash of all."""
-    if len(text) <= limit:
-        return text
-    import hashlib
-
-    return f"{text[: limit - 9]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-
 def make_loggers(cfg: DictConfig, variant: str, resume_from: Path | None) -> list[Any]:
     """Instantiate the logger group; wandb runs are grouped by variant and resume their id.
 
@@ -225,12 +229,12 @@ def make_loggers(cfg: DictConfig, variant: str, resume_from: Path | None) -> lis
         log_model = False
         if str(lcfg._target_).endswith("WandbLogger"):
             if not lcfg.get("group"):
-                kwargs["group"] = _short(f"{cfg.task_name}/{variant}", 128)
+                kwargs["group"] = shorten(f"{cfg.task_name}/{variant}", 128)
             if not lcfg.get("name"):
-                kwargs["name"] = _short(f"{variant}/seed{cfg.seed}", 128)
+                kwargs["name"] = shorten(f"{variant}/seed{cfg.seed}", 128)
             tags = [str(t) for t in (lcfg.get("tags") or [])]
             tags += [str(cfg.task_name), method_name(cfg)] if "method" in cfg else []
-            kwargs["tags"] = [_short(t, 64) for t in dict.fromkeys(tags)]
+            kwargs["tags"] = [shorten(t, 64) for t in dict.fromkeys(tags)]
             log_model = bool(lcfg.get("log_model"))
             kwargs["log_model"] = False
             run_id = wandb_id_of(resume_from)
@@ -343,23 +347,8 @@ def checkpoint_bytes(module: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------ resume checks
 
-# keys that do not change what a resumed run computes (paths, where logs go, loader workers)
-RESUME_IGNORED = (
-    "ckpt_path",
-    "resume_changes",
-    "trust_targets",
-    "paths",
-    "hydra",
-    "logger",
-    "callbacks",
-    "teacher_cache.dir",
-    "data.num_workers",
-    "data.persistent_workers",
-    "data.pin_memory",
-    "trainer.enable_progress_bar",
-    "trainer.default_root_dir",
-    "optimized_metric",
-)
+# keys that do not change what a resumed run computes: where it runs, and any callback
+RESUME_IGNORED = (*RUN_PLACE, "callbacks")
 # a change of these keys means the checkpoint's optimizer state belongs to another optimizer
 OPTIMIZER_KEYS = ("optim.name", "optim._target_")
 
@@ -375,7 +364,7 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 def _ignored(key: str) -> bool:
     if key.startswith("teacher_set.") and key.endswith(".weights"):
         return True  # teacher files are compared by hash (check_checkpoint)
-    return any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED)
+    return under(key, RESUME_IGNORED)
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

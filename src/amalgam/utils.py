@@ -62,13 +62,18 @@ def dir_name(name: str, limit: int = 120) -> str:
     nest directories and a long override list exceed the file system's 255-byte names. Path
     separators become '_', and a name over `limit` characters keeps its head and a hash of all.
     """
+    return shorten(str(name).replace("/", "_").replace("\\", "_"), limit)
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` within `limit` characters: as it is, or its head and a hash of all of it (so two
+    long names that share a head stay apart)."""
     import hashlib
 
-    safe = str(name).replace("/", "_").replace("\\", "_")
-    if len(safe) > limit:
-        digest = hashlib.sha1(safe.encode()).hexdigest()[:10]
-        safe = f"{safe[: limit - 11]}-{digest}"
-    return safe
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    return f"{text[: limit - 11]}-{digest}"
 
 
 def slurm_tasks(devices: Any) -> int:
