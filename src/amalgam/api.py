@@ -36,7 +36,14 @@ from amalgam.backbone import (
     rebuilds_from_name,
     timm_arch,
 )
-from amalgam.build import build_amalgamation, build_datamodule, build_method, build_student, to_dict
+from amalgam.build import (
+    build_amalgamation,
+    build_datamodule,
+    build_method,
+    build_student,
+    to_dict,
+    with_shapes,
+)
 from amalgam.console import (
     CONFIG_TREE,
     console_callbacks,
@@ -438,14 +445,8 @@ def _method(
         cfg = dict(to_dict(method))
         return build_method(cfg, bank.space, student, bank, dm.image_size, dm.channels), cfg
     if callable(method):  # a Method class or functools.partial(CFL, weights=...)
-        func = getattr(method, "func", method)
-        needs = bool(getattr(func, "needs_features", False))
-        s_shapes = student.feature_shapes(dm.image_size, dm.channels) if needs else []
-        t_shapes = {
-            n: (t.feature_shapes(dm.image_size, dm.channels) if needs else [])
-            for n, t in bank.teachers.items()
-        }
-        built = method(space=bank.space, student_shapes=s_shapes, teacher_shapes=t_shapes)
+        rule = getattr(method, "keywords", {}).get("targets")
+        built = with_shapes(method, bank.space, student, bank, dm.image_size, dm.channels, rule)
         return built, None
     raise ConfigError(
         "method: give a preset name ('cfl', 'kd', ...), a method config dict, a Method class or "

@@ -437,7 +437,7 @@ class Backbone(nn.Module):
         dtype = next(self.model.parameters()).dtype
         if x.dtype != dtype:
             x = x.to(dtype)  # a half-precision copy (a teacher bank's dtype)
-        if not features or not self.feature_indices:
+        if not features or self.feature_indices == []:
             return ModelOutput(self.model(x), [])
         if hasattr(self.model, "forward_intermediates"):
             final, feats = self.model.forward_intermediates(
@@ -457,6 +457,46 @@ class Backbone(nn.Module):
         out = self(x)
         self.train(was_training)
         return [tuple(f.shape[1:]) for f in out.features]
+
+    @torch.no_grad()
+    def stage_strides(self, image_size: int, channels: int) -> list[int]:
+        """The stride of every map `feature_indices` can pick, in index order.
+
+        Measured on a probe image of the data's size: the network's own input side (its
+        `input_size`, else the image's) over the map's side. A module without timm's
+        `forward_intermediates` has one map, its last.
+        """
+        kept = self.feature_indices
+        if hasattr(self.model, "forward_intermediates"):
+            self.feature_indices = None  # timm: every intermediate
+        try:
+            shapes = self.feature_shapes(image_size, channels)
+        finally:
+            self.feature_indices = kept
+        side = self.input_size or image_size
+        return [max(1, round(side / s[1])) for s in shapes]
+
+
+def match_stages(
+    strides: Sequence[int], indices: Sequence[int], own: Sequence[int], who: str
+) -> list[int]:
+    """The indices of `who`'s maps at the strides of the maps `indices` picks from `strides`.
+
+    The deepest map at each stride (a stage's output, not a block inside it), as a negative
+    index (-1: the last map), so that the student's `[-1]` stays `[-1]`.
+    """
+    out = []
+    for i in indices:
+        stride = strides[i]
+        at = [j for j, s in enumerate(own) if s == stride]
+        if not at:
+            raise ConfigError(
+                f"{who} has no feature map at stride {stride} (the student's map "
+                f"feature_indices={i}); its maps' strides are {list(own)}: pick student stages "
+                f"it has, or set {who}'s feature_indices"
+            )
+        out.append(at[-1] - len(own))
+    return out
 
 
 # ------------------------------------------------------------------ timm models given in memory

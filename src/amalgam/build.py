@@ -113,16 +113,41 @@ def build_method(
     """The method for this student and bank; `targets_cfg` (the `targets` group) is its rule."""
     method_cfg = dict(to_dict(method_cfg))
     method_cfg.pop("name", None)
+    method_cfg.pop("feature_indices", None)  # the stages it reads: student.feature_indices
     factory = hydra.utils.instantiate(method_cfg)
-    needs = getattr(factory.func, "needs_features", False)
+    rule = None
     if targets_cfg is not None:
-        rule = hydra.utils.instantiate(to_dict(targets_cfg))
-        factory = functools.partial(factory, targets=rule(space=space))
-    s_shapes = student.feature_shapes(image_size, channels) if needs else []
-    t_shapes = {
-        n: (t.feature_shapes(image_size, channels) if needs else [])
-        for n, t in bank.teachers.items()
-    }
+        rule = hydra.utils.instantiate(to_dict(targets_cfg))(space=space)
+        factory = functools.partial(factory, targets=rule)
+    return with_shapes(factory, space, student, bank, image_size, channels, rule)
+
+
+def with_shapes(
+    factory: Any,
+    space: LabelSpace,
+    student: Backbone,
+    bank: TeacherBank,
+    image_size: int,
+    channels: int,
+    rule: Any = None,
+):
+    """Call a method factory with the feature-map shapes it needs, once the teachers' maps are
+    aligned to the student's strides (and each teacher's last map kept for a rule that reads
+    features)."""
+    func = factory
+    while hasattr(func, "func"):  # partials (Hydra's or functools') down to the class
+        func = func.func
+    needs = bool(getattr(func, "needs_features", False))
+    s_shapes, t_shapes = [], {n: [] for n in bank.teachers}
+    if needs:
+        bank.align_stages(
+            student, image_size, channels, keep_last=bool(getattr(rule, "needs_features", False))
+        )
+        s_shapes = student.feature_shapes(image_size, channels)
+        levels = len(s_shapes)
+        t_shapes = {
+            n: t.feature_shapes(image_size, channels)[:levels] for n, t in bank.teachers.items()
+        }
     return factory(space=space, student_shapes=s_shapes, teacher_shapes=t_shapes)
 
 

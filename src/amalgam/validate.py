@@ -131,7 +131,19 @@ def check_method(method: Mapping[str, Any]) -> type:
     """Keys, loss weights, temperature and MMD bandwidths of `method`; returns its class."""
     cls = _locate(method.get("_target_"), "method._target_")
     params = _params(cls)
-    check_keys(method, None if params is None else (params - BUILT_BY_CODE) | {"name"}, "method")
+    allowed = None if params is None else (params - BUILT_BY_CODE) | {"name", "feature_indices"}
+    check_keys(method, allowed, "method")
+    idx = method.get("feature_indices")
+    if idx is not None and (
+        not isinstance(idx, Sequence)
+        or isinstance(idx, str)
+        or not idx
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx)
+    ):
+        raise ConfigError(
+            f"method.feature_indices={idx!r}: give the stages the method reads as a non-empty "
+            f"list of map indices, e.g. [-1] (the last map) or [-3, -2, -1]"
+        )
     weights = method.get("weights")
     if weights is not None:
         if not isinstance(weights, Mapping):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amalgam.backbone import Backbone, ModelOutput
+from amalgam.backbone import Backbone, ModelOutput, match_stages
 from amalgam.tasks import ConfigError, LabelSpace
 from amalgam.teachers.io import (
     TeacherMeta,
@@ -119,6 +119,26 @@ class TeacherBank(nn.Module):
             )
         return TeacherOutputs([o.logits for o in outs], [o.features for o in outs])
 
+    def align_stages(
+        self, student: Backbone, image_size: int, channels: int, keep_last: bool = False
+    ) -> None:
+        """Give each teacher the feature maps at the strides of the student's maps.
+
+        A teacher whose feature indices were set explicitly (`fixed_stages`) keeps them.
+        `keep_last` also hands over each teacher's last map after those (a target rule reads
+        the pooled last map, whatever stages the method works on): the method reads the first
+        `len(student.feature_indices)` maps of each teacher.
+        """
+        strides = student.stage_strides(image_size, channels)
+        for name, t in self.teachers.items():
+            if getattr(t, "fixed_stages", False):
+                continue
+            own = t.stage_strides(image_size, channels)
+            idx = match_stages(strides, student.feature_indices, own, f"teacher '{name}'")
+            if keep_last and idx[-1] != -1:
+                idx.append(-1)
+            t.feature_indices = idx
+
     def _module_hashes(self) -> dict[str, str]:
         return {n: module_hash(t.model) for n, t in self.teachers.items()}
 
@@ -185,6 +205,7 @@ def load_teacher_bank(
                     save_dir,
                     name,
                 )
+            teacher.fixed_stages = cfg.feature_indices is not None
             teachers[name], metas[name], paths[name] = teacher, meta, str(path or "")
             continue
         cfg = dict(cfg)
@@ -203,6 +224,7 @@ def load_teacher_bank(
         )
         idx = cfg.get("feature_indices", feature_indices)
         teachers[name] = build_teacher(meta, weights, idx)
+        teachers[name].fixed_stages = cfg.get("feature_indices") is not None
         metas[name] = meta
         paths[name] = str(weights)
     return TeacherBank(teachers, metas, paths, dtype, channels_last)
