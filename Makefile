@@ -8,7 +8,8 @@ TEACHERS_DIR ?= teachers
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: help install test test-fast test-long test-soak lint format clean demo teachers data data-mnist bench \
-	bench-accuracy bench-accuracy-mf4 mnist-fashion4 teachers-mf4 teachers-lite0 bench-pretrained
+	bench-accuracy bench-accuracy-mf4 mnist-fashion4 teachers-mf4 teachers-lite0 bench-pretrained \
+	teachers-overlap2
 
 help:
 	@echo "make install  - create $(VENV) and install amalgam[dev] (idempotent)"
@@ -99,6 +100,10 @@ bench-accuracy: teachers
 	@start=$$(date +%s); \
 	$(BIN)/python -m amalgam.amalgamate experiment=fashion2 sweep=evidence || exit 1; \
 	echo "bench-accuracy wall time: $$(( $$(date +%s) - start )) s"
+
+# the overlap benchmark: two Fashion-MNIST teachers sharing two classes (0-5 and 4-9)
+teachers-overlap2: TEACHERS = overlap_a overlap_b
+teachers-overlap2: teachers
 
 # the pretrained regime on the CPU (docs/RESULTS.md): ImageNet EfficientNet-Lite0 teachers and
 # students on fashion2 at 64 px, ImageNet init vs random init, KD vs CFL, 3 seeds

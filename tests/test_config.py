@@ -29,6 +29,7 @@ AMALGAM_EXPERIMENTS = [
     "fine_grained4",
     "lite0_fashion2",
     "mnist_fashion4",
+    "overlap2",
     "tiny",
 ]
 TEACHER_EXPERIMENTS = [
@@ -91,6 +92,26 @@ def test_fashion2_is_the_demo_with_the_density_ratio_rule_cache_and_t4(method, t
         "method": "scratch,kd,cfl,cfl_no_rec,cfl_no_mmd",
         "seed": "0,1,2",
     }
+
+
+def test_overlap2_is_fashion2_with_two_teachers_sharing_two_classes(tmp_path):
+    cfg = make_cfg("amalgamate", ["experiment=overlap2", "sweep=methods"], tmp_path)
+    base = make_cfg("amalgamate", ["experiment=fashion2"], tmp_path)
+    a, b = (list(cfg.teacher_set[n].classes) for n in ("overlap_a", "overlap_b"))
+    assert sorted(set(a) & set(b)) == [4, 5] and sorted(set(a) | set(b)) == list(range(10))
+    for key in ("data", "student", "trainer", "optim", "targets", "teacher_cache", "method"):
+        assert cfg[key] == base[key], key
+    assert cfg.task_name == "overlap2"
+    sweep = OmegaConf.load(Path(CONF_DIR) / "sweep" / "methods.yaml").hydra.sweeper.params
+    assert sweep.method.split(",") == [
+        "kd",
+        "cfl",
+        "cfl_spatial",
+        "cfl_multi",
+        "uhc",
+        "lka",
+        "hint",
+    ]
 
 
 @pytest.mark.parametrize("method", ["scratch", "kd", "cfl", "cfl_no_mmd", "cfl_no_rec"])

@@ -62,7 +62,7 @@ def results(variant: str, seed: int, accs: tuple[float, ...]) -> dict:
             "n_test": 96,
             "target_rule": "Concat",
         },
-        "val": {"joint_acc": joint - 0.01, "loss": 1.5},
+        "val": {"joint_acc": joint - 0.01, "task_mean_acc": (a + b) / 2 - 0.02, "loss": 1.5},
         "provenance": {"git_commit": "c" * 40, "git_dirty": False},
         "teacher_hashes": {"a": "1", "b": "2"},
     }
@@ -159,8 +159,9 @@ def test_report_files_are_drawn_from_the_frames(sweep):
     assert set(paths) == {"md", "csv", "jobs", "png"}
     rows = {r["variant"]: r for r in csv.DictReader(paths["csv"].read_text().splitlines())}
     cfl = rows[f"method=cfl,{COMMON}"]
-    assert list(cfl)[:6] == [
+    assert list(cfl)[:7] == [
         "variant",
+        "method",
         "n",
         "seeds",
         "uses_labels",
@@ -168,6 +169,7 @@ def test_report_files_are_drawn_from_the_frames(sweep):
         "a_student_std",
     ]
     assert cfl["n"] == "3" and cfl["seeds"] == "0 1 2" and cfl["uses_labels"] == "False"
+    assert cfl["method"] == "cfl" and rows[f"method=kd,{COMMON}"]["method"] == "kd"
     accs = [100 * a[2] for a in SWEEP[f"method=cfl,{COMMON}"].values()]
     assert float(cfl["joint_student_mean"]) == pytest.approx(statistics.fmean(accs), abs=1e-4)
     assert float(cfl["joint_student_std"]) == pytest.approx(statistics.stdev(accs), abs=1e-4)
@@ -178,7 +180,8 @@ def test_report_files_are_drawn_from_the_frames(sweep):
     md = paths["md"].read_text()
     assert f"| method=cfl,{COMMON} | 3 | 0, 1, 2 |" in md
     assert "| variant | n | seeds | a student | b student | joint student |" in md
-    (single,) = [line for line in md.splitlines() if line.startswith("| method=cfl_no_mmd")]
+    # the accuracy table's row (the margins table below has one too)
+    single = next(line for line in md.splitlines() if line.startswith("| method=cfl_no_mmd"))
     assert single == f"| method=cfl_no_mmd,{COMMON} | 1 | 7 | 83.00 | 73.00 | 58.00 |"
     kd = next(line for line in md.splitlines() if line.startswith("| method=kd"))
     assert "81.00 ± 1.41" in kd  # 80 and 82: stdev sqrt(2)
@@ -254,3 +257,29 @@ def test_long_variant_labels_are_wrapped_after_their_commas():
     assert wrapped.replace("\n", "") == variants[0]
     # one variant: nothing is shared with another, the label stays whole
     assert variant_labels(["method=cfl"]) == (["method=cfl"], None)
+
+
+def test_margins_to_the_teachers_are_per_job_differences_averaged(sweep):
+    variants = variants_frame(jobs_frame(sweep)).set_index("variant")
+    cfl = SWEEP[f"method=cfl,{COMMON}"].values()
+    a = [100 * (x[0] - TEACHERS["a"]) for x in cfl]
+    b = [100 * (x[1] - TEACHERS["b"]) for x in cfl]
+    joint = [100 * (x[2] - x[3]) for x in cfl]
+    mean_ab = [(u + v) / 2 for u, v in zip(a, b, strict=True)]
+    val = [100 * ((x[0] + x[1]) / 2 - 0.02) for x in cfl]
+    row = variants.loc[f"method=cfl,{COMMON}"]
+    for col, want in [
+        ("a_margin", a),
+        ("b_margin", b),
+        ("task_mean_margin", mean_ab),
+        ("joint_margin", joint),
+        ("val_task_mean", val),
+    ]:
+        assert math.isclose(row[f"{col}_mean"], statistics.mean(want), abs_tol=1e-9), col
+        assert math.isclose(row[f"{col}_std"], statistics.stdev(want), abs_tol=1e-9), col
+    assert math.isnan(variants.loc[f"method=cfl_no_mmd,{COMMON}", "a_margin_std"])
+    md = write_sweep_report(sweep)["md"].read_text()
+    margins = md.split("Margins to the teachers")[1]
+    line = next(x for x in margins.splitlines() if x.startswith(f"| method=cfl,{COMMON} |"))
+    assert f"| +{statistics.mean(joint):.2f} ± {statistics.stdev(joint):.2f} |" in line
+    assert f"| {statistics.mean(a):.2f} ± {statistics.stdev(a):.2f} |" in line  # negative

@@ -462,10 +462,19 @@ class Backbone(nn.Module):
     def stage_strides(self, image_size: int, channels: int) -> list[int]:
         """The stride of every map `feature_indices` can pick, in index order.
 
-        Measured on a probe image of the data's size: the network's own input side (its
-        `input_size`, else the image's) over the map's side. A module without timm's
-        `forward_intermediates` has one map, its last.
+        timm's `feature_info` reductions where they name one stride per map of
+        `forward_intermediates` (timm's convention); otherwise measured on a probe image of the
+        data's size: the network's own input side (its `input_size`, else the image's) over
+        the map's side. A module without `forward_intermediates` has one map, its last.
         """
+        info = getattr(self.model, "feature_info", None)
+        if hasattr(self.model, "forward_intermediates") and info is not None:
+            try:
+                reductions = [int(f["reduction"]) for f in info]
+            except (TypeError, KeyError, ValueError):
+                reductions = []
+            if reductions:
+                return reductions
         kept = self.feature_indices
         if hasattr(self.model, "forward_intermediates"):
             self.feature_indices = None  # timm: every intermediate
@@ -483,10 +492,19 @@ def match_stages(
     """The indices of `who`'s maps at the strides of the maps `indices` picks from `strides`.
 
     The deepest map at each stride (a stage's output, not a block inside it), as a negative
-    index (-1: the last map), so that the student's `[-1]` stays `[-1]`.
+    index. The last map always pairs with the last map (`[-1]` stays `[-1]`: a network of
+    another total stride, or a ViT's tokens, still meets the student there).
     """
     out = []
     for i in indices:
+        if not -len(strides) <= i < len(strides):
+            raise ConfigError(
+                f"feature_indices={i}: the student has {len(strides)} feature maps "
+                f"(indices {-len(strides)}..{len(strides) - 1}); pick one of them"
+            )
+        if i in (-1, len(strides) - 1):
+            out.append(-1)
+            continue
         stride = strides[i]
         at = [j for j, s in enumerate(own) if s == stride]
         if not at:

@@ -53,4 +53,4 @@ class UHC(Method):
         for i, z in enumerate(teachers.logits):
             own = s.index_select(1, getattr(self, f"classes_{i}"))
             total = total + soft_target_loss(own, z, self.temperature)
-        return {"uhc": self.weights["uhc"] * total}
+        return {"uhc": self.weights.get("uhc", 0.0) * total}

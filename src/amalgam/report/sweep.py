@@ -288,20 +288,45 @@ def tasks_of(frame: pd.DataFrame) -> list[str]:
     return tasks
 
 
+def margin_columns(tasks: Sequence[str]) -> list[str]:
+    """The margin columns `with_margins` adds, in order."""
+    return [*(f"{t}_margin" for t in tasks), "task_mean_margin", "joint_margin", "val_task_mean"]
+
+
+def with_margins(jobs: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
+    """`jobs` with each job's margins to the teachers, in points: `<task>_margin` = student -
+    teacher on that task, `task_mean_margin` their mean, `joint_margin` = the student's joint
+    accuracy - the teachers' ensemble's; and `val_task_mean` (the validation split's task-mean
+    accuracy in %, what a recipe is chosen on) where the jobs logged it."""
+    out = jobs.copy()
+    if out.empty or not tasks:
+        return out
+    for t in tasks:
+        out[f"{t}_margin"] = out[f"{t}_student"] - out[f"{t}_teacher"]
+    out["task_mean_margin"] = out[[f"{t}_margin" for t in tasks]].mean(axis=1)
+    out["joint_margin"] = out["joint_student"] - out["joint_teacher"]
+    if "val_task_mean_acc" in out.columns:
+        out["val_task_mean"] = 100 * pd.to_numeric(out["val_task_mean_acc"], errors="coerce")
+    return out
+
+
 def _seeds(s: pd.Series) -> list[int]:
     return sorted(int(x) for x in s.dropna())
 
 
 def variants_frame(jobs: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant of a `jobs_frame`, sorted by variant: n (jobs), seeds (sorted seed
-    values; a job without a seed counts in n only), uses_labels (any job), then mean and std
-    over the variant's jobs of each accuracy (`<task>_student_mean`, `..._std`, teacher,
-    joint), and the target rules used. The std is the sample std: NaN for a single job (no
+    """One row per variant of a `jobs_frame`, sorted by variant: its method(s), n (jobs), seeds
+    (sorted seed values; a job without a seed counts in n only), uses_labels (any job), then
+    mean and std over the variant's jobs of each accuracy (`<task>_student_mean`, `..._std`,
+    teacher, joint), and the target rules used. The std is the sample std: NaN for a single job (no
     spread measured), which report.md shows as the mean alone."""
     tasks = tasks_of(jobs)
     metrics = [f"{c}_{who}" for c in [*tasks, "joint"] for who in WHO]
+    jobs = with_margins(jobs, tasks)
+    margins = [c for c in margin_columns(tasks) if c in jobs.columns]
+    metrics += margins
     stats_cols = [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
-    columns = ["variant", "n", "seeds", "uses_labels", *stats_cols, "targets"]
+    columns = ["variant", "method", "n", "seeds", "uses_labels", *stats_cols, "targets"]
     if jobs.empty:
         return pd.DataFrame(columns=columns)
     groups = jobs.groupby("variant", sort=True)
@@ -315,6 +340,7 @@ def variants_frame(jobs: pd.DataFrame) -> pd.DataFrame:
         }
     ).join(stats)
     out["targets"] = groups["targets"].agg(lambda s: sorted({str(t) for t in s}))
+    out["method"] = groups["method"].agg(lambda s: ", ".join(sorted({str(m) for m in s})))
     return out.reset_index()[columns]
 
 
@@ -522,6 +548,31 @@ def table_rows(variants: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def margin_rows(variants: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the margins table: per variant, student - teacher on each task, their
+    mean, the joint margin to the teachers' ensemble (points, mean ± std over seeds), and the
+    validation split's task-mean accuracy (what a recipe is chosen on)."""
+    tasks = tasks_of(variants)
+    header = ["variant", *[f"{t} margin" for t in tasks], "task-mean margin", "joint margin"]
+    has_val = "val_task_mean_mean" in variants.columns
+    if has_val:
+        header.append("val task-mean %")
+    body = []
+    for _, r in variants.iterrows():
+        cols = [f"{t}_margin" for t in tasks] + ["task_mean_margin", "joint_margin"]
+        cells = [str(r["variant"]), *[signed(r, c) for c in cols]]
+        if has_val:
+            cells.append(cell(r, "val_task_mean"))
+        body.append(cells)
+    return header, body
+
+
+def signed(row: Mapping[str, Any], col: str) -> str:
+    """A margin cell with its sign (`+0.42 ± 0.10`, `-1.20`)."""
+    text = cell(row, col)
+    return text if text == "-" or text.startswith("-") else "+" + text
+
+
 def provenance_notes(results: list[dict[str, Any]]) -> list[str]:
     """Which code and which teacher files made the jobs; a warning when they differ, since the
     table's teacher row is the first job's and its means mix whatever the jobs ran on."""
@@ -593,6 +644,17 @@ def markdown(
             "",
             *md_table(header, body),
         ]
+        if "task_mean_margin_mean" in variants.columns:
+            m_header, m_body = margin_rows(variants)
+            lines += [
+                "",
+                "Margins to the teachers in points (student - teacher on each task, their "
+                "mean, and joint: student - the teachers' ensemble), mean ± std over seeds; "
+                "val task-mean: the validation split's task-mean accuracy, the figure a recipe "
+                "is chosen on.",
+                "",
+                *md_table(m_header, m_body),
+            ]
     else:
         lines.append("No job wrote a readable results.json: no table.")
     if results:
