@@ -341,3 +341,32 @@ def test_api_verbose_false_is_quiet(tmp_path, capsys):
     assert 0.0 <= results["joint"]["student_acc"] <= 1.0
     run("loud", True)  # the same run, verbose: the bar and the table are there
     assert seen[1] is not None and "student acc" in capsys.readouterr().out
+
+
+def test_api_student_follows_the_methods_stages(tiny_teachers, tmp_path):
+    """method='cfl_spatial' from Python puts the student (and the teachers, by stride) on the
+    method's stage, as `method=cfl_spatial` does on the command line."""
+    from amalgam.api import _feature_indices, preset
+
+    assert "feature_indices" not in preset("student", "resnet10t")
+    assert preset("student", "resnet10t", feature_indices=[-2])["feature_indices"] == [-2]
+    assert _feature_indices({"arch": "resnet10t"}, "cfl_spatial") == [-3]
+    assert _feature_indices({"arch": "resnet10t"}, "hint") == [-3, -2, -1]
+    assert _feature_indices({"arch": "resnet10t", "feature_indices": [-2]}, "hint") == [-2]
+    assert _feature_indices("resnet10t", "kd") == [-1]
+    teachers = {n: tiny_teachers / "teachers" / f"{n}.safetensors" for n in ("tiny_a", "tiny_b")}
+    am = amalgam.Amalgamation(
+        teachers=teachers,
+        student={"arch": "test_convnext", "input_size": 32},
+        data={"source": synthetic(num_classes=10), "image_size": 16, "batch_size": 32},
+        method="cfl_spatial",
+        trainer=STEPS3,
+        output_dir=tmp_path / "run",
+        loggers=[],
+    )
+    module = am.module
+    assert module.student.feature_indices == [-3]  # stride 8 of test_convnext's [4, 8, 16, 32]
+    # each teacher at stride 8 too: test_resnet and test_efficientnet have [2, 4, 8, 16, 32]
+    assert all(t.feature_indices == [-3] for t in module.teachers.teachers.values())
+    (block,) = module.method.blocks
+    assert block.size == (2, 2)  # 16 px data: 32 px student input / 8 = 4; teachers 16 / 8 = 2

@@ -146,7 +146,11 @@ def preset(group: str, name: str, **overrides: Any) -> dict[str, Any]:
     if not path.is_file():
         names = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError(f"{group}='{name}': no file '{path}'; choose one of {names}")
-    cfg = OmegaConf.merge(OmegaConf.load(path), overrides)
+    raw = OmegaConf.load(path)
+    follows = str(OmegaConf.to_container(raw).get("feature_indices", ""))
+    if "method.feature_indices" in follows and "feature_indices" not in overrides:
+        del raw["feature_indices"]  # a student preset's stages follow the run's method
+    cfg = OmegaConf.merge(raw, overrides)
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
@@ -425,12 +429,25 @@ def _check_not_a_teacher(student: Any, bank: TeacherBank) -> None:
             )
 
 
-def _feature_indices(student: Any) -> list[int]:
+def _method_stages(method: Any) -> list[int] | None:
+    """The stages a method preset or config names (`feature_indices`), if it names any."""
+    if isinstance(method, str):
+        method = preset("method", method)
+    if isinstance(method, Mapping):
+        idx = to_dict(method).get("feature_indices")
+        return None if idx is None else list(idx)
+    return None
+
+
+def _feature_indices(student: Any, method: Any = None) -> list[int]:
+    """The student's stages: a Backbone's own or a config's `feature_indices`, else the
+    method's (as `student.feature_indices` follows `method.feature_indices` in a config), else
+    the last map."""
     if isinstance(student, Backbone):
         return list(student.feature_indices)
-    if isinstance(student, Mapping):
-        return list(to_dict(student).get("feature_indices") or [-1])
-    return [-1]
+    if isinstance(student, Mapping) and to_dict(student).get("feature_indices") is not None:
+        return list(to_dict(student)["feature_indices"])
+    return _method_stages(method) or [-1]
 
 
 def _method(
@@ -544,7 +561,7 @@ class Amalgamation:
                     t["class_names"] = classes
             bank = load_teacher_bank(
                 teacher_set,
-                _feature_indices(student),
+                _feature_indices(student, method),
                 teacher_dtype,
                 save_dir=out_dir / "teachers",  # in-memory teachers, as files to load back
             )
@@ -552,6 +569,10 @@ class Amalgamation:
         _check_same_space(dm, bank)
         _check_not_a_teacher(student, bank)
         student_net, student_cfg = _student(student, bank.space.num_classes)
+        if not isinstance(student, Backbone):  # the stages the method works on
+            student_net.feature_indices = _feature_indices(student, method)
+            if student_cfg is not None:
+                student_cfg["feature_indices"] = list(student_net.feature_indices)
         method_obj, method_cfg = _method(method, bank, student_net, dm)
         rule = method_obj.targets
         if getattr(rule, "needs_fit", False) and not getattr(rule, "is_fit", True):
