@@ -1,5 +1,5 @@
 """Crash safety (atomic files, SIGKILL), preemption (SIGTERM/SIGUSR1), the NaN guard, and a
-soak run for memory growth (issue 8, items 3, 4 and 6; docs/RELIABILITY.md)."""
+soak run for memory growth (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Target rules (the reference concatenation, shared classes, priors, the fitted rules of issue 10)
+"""Target rules (the reference concatenation, shared classes, priors, the fitted rules)
 against hand computations; the task confusion of evaluate."""
 
 import math
@@ -353,7 +353,7 @@ def test_held_out_images_are_required():
         DensityRatio(LabelSpace.from_mapping(AB)).fit(FakeBank(), NoVal())
 
 
-# --- task confusion (issue 10.2)
+# --- task confusion
 
 
 class LogitsAsImages(nn.Module):
