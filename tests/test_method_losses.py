@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from amalgam.backbone import Backbone, ModelOutput, match_stages
 from amalgam.methods import CFL, LKA, UHC, Hint
 from amalgam.tasks import ConfigError, LabelSpace
-from amalgam.teachers.bank import Teacher, TeacherOutputs, load_teacher_bank
+from amalgam.teachers.bank import Teacher, TeacherOutputs, align_stages, load_teacher_bank
 
 # ------------------------------------------------------------------------------ brute force
 
@@ -363,18 +363,18 @@ def test_align_stages_on_tiny_timm_backbones():
         }
     )
     student = Backbone(tiny("test_resnet", 6), feature_indices=[2])  # stride 8, a positive index
-    bank.align_stages(student, 32, 3)
+    align_stages(bank.teachers, student, 32, 3)
     got = {n: t.feature_indices for n, t in bank.teachers.items()}
     assert got == {"r": [-3], "c": [-3], "fixed": [0]}
     # the map picked is the stride-8 one: 4x4 at 32 px, like the student's
     assert student.feature_shapes(32, 3)[0][1:] == (4, 4)
     assert [s[1:] for s in bank.teachers["c"].feature_shapes(32, 3)] == [(4, 4)]
-    bank.align_stages(student, 32, 3, keep_last=True)
+    align_stages(bank.teachers, student, 32, 3, keep_last=True)
     assert bank.teachers["c"].feature_indices == [-3, -1]
     assert bank.teachers["r"].feature_indices == [-3, -1]
     assert bank.teachers["fixed"].feature_indices == [0]
     student.feature_indices = [-1]
-    bank.align_stages(student, 32, 3, keep_last=True)  # no second -1
+    align_stages(bank.teachers, student, 32, 3, keep_last=True)  # no second -1
     assert {n: t.feature_indices for n, t in bank.teachers.items()} == {
         "r": [-1],
         "c": [-1],
@@ -382,7 +382,7 @@ def test_align_stages_on_tiny_timm_backbones():
     }
     student.feature_indices = [0]  # stride 2: the ConvNeXt has no such map
     with pytest.raises(ConfigError, match=r"teacher 'c' has no feature map at stride 2"):
-        bank.align_stages(student, 32, 3)
+        align_stages(bank.teachers, student, 32, 3)
 
 
 # ----------------------------------------------------------------------- config composition

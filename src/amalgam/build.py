@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from amalgam.backbone import Backbone, check_arch, create_timm, data_config
 from amalgam.module import AmalgamModule
 from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
-from amalgam.teachers.bank import TeacherBank, load_teacher_bank, teacher_weights
+from amalgam.teachers.bank import TeacherBank, align_stages, load_teacher_bank, teacher_weights
 from amalgam.teachers.io import init_from_file, meta_path, read_meta
 
 
@@ -140,9 +140,8 @@ def with_shapes(
     needs = bool(getattr(func, "needs_features", False))
     s_shapes, t_shapes = [], {n: [] for n in bank.teachers}
     if needs:
-        bank.align_stages(
-            student, image_size, channels, keep_last=bool(getattr(rule, "needs_features", False))
-        )
+        keep_last = bool(getattr(rule, "needs_features", False))
+        align_stages(bank.teachers, student, image_size, channels, keep_last)
         s_shapes = student.feature_shapes(image_size, channels)
         levels = len(s_shapes)
         t_shapes = {

@@ -164,6 +164,7 @@ def measure_flops(cfg: DictConfig) -> dict[str, Any]:
         tasks[name] = [f"{name}/{i}" for i in range(k)]
         tcfg = {**t, "feature_indices": t.get("feature_indices") or feat_idx}
         teachers[name] = build_backbone(tcfg, k, f"teacher_set.{name}.arch")
+        teachers[name].fixed_stages = t.get("feature_indices") is not None
     space = LabelSpace.from_mapping(tasks)
     student = build_backbone(student_cfg, space.num_classes, "student.arch")
     bank = SimpleNamespace(teachers=teachers)  # what build_method reads: .teachers

@@ -119,26 +119,6 @@ class TeacherBank(nn.Module):
             )
         return TeacherOutputs([o.logits for o in outs], [o.features for o in outs])
 
-    def align_stages(
-        self, student: Backbone, image_size: int, channels: int, keep_last: bool = False
-    ) -> None:
-        """Give each teacher the feature maps at the strides of the student's maps.
-
-        A teacher whose feature indices were set explicitly (`fixed_stages`) keeps them.
-        `keep_last` also hands over each teacher's last map after those (a target rule reads
-        the pooled last map, whatever stages the method works on): the method reads the first
-        `len(student.feature_indices)` maps of each teacher.
-        """
-        strides = student.stage_strides(image_size, channels)
-        for name, t in self.teachers.items():
-            if getattr(t, "fixed_stages", False):
-                continue
-            own = t.stage_strides(image_size, channels)
-            idx = match_stages(strides, student.feature_indices, own, f"teacher '{name}'")
-            if keep_last and idx[-1] != -1:
-                idx.append(-1)
-            t.feature_indices = idx
-
     def _module_hashes(self) -> dict[str, str]:
         return {n: module_hash(t.model) for n, t in self.teachers.items()}
 
@@ -156,6 +136,31 @@ class TeacherBank(nn.Module):
     def record(self) -> dict[str, Any]:
         """What a student checkpoint keeps instead of teacher tensors."""
         return {n: {"path": self.paths[n], "meta": asdict(self.metas[n])} for n in self.names}
+
+
+def align_stages(
+    teachers: Mapping[str, Backbone],
+    student: Backbone,
+    image_size: int,
+    channels: int,
+    keep_last: bool = False,
+) -> None:
+    """Give each teacher the feature maps at the strides of the student's maps.
+
+    A teacher whose feature indices were set explicitly (`fixed_stages`) keeps them.
+    `keep_last` also hands over each teacher's last map after those (a target rule reads the
+    pooled last map, whatever stages the method works on): the method reads the first
+    `len(student.feature_indices)` maps of each teacher.
+    """
+    strides = student.stage_strides(image_size, channels)
+    for name, t in teachers.items():
+        if getattr(t, "fixed_stages", False):
+            continue
+        own = t.stage_strides(image_size, channels)
+        idx = match_stages(strides, student.feature_indices, own, f"teacher '{name}'")
+        if keep_last and idx[-1] != -1:
+            idx.append(-1)
+        t.feature_indices = idx
 
 
 def teacher_weights(name: str, cfg: Mapping[str, Any]) -> str:
