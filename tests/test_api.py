@@ -229,7 +229,7 @@ def test_api_module_student_without_head_and_teacher_dataclass(tmp_path, caplog)
     am = objects_run(
         tmp_path, {"a": (ta, [0, 1, 2]), "b": (net("test_vit", 3), [3, 4, 5])}, wrapped
     )
-    stored = am.module.record["config"]["student"]
+    stored = am.module.record.config["student"]
     assert am.student is wrapped and (stored["arch"], stored["input_size"]) == ("test_convnext", 32)
 
 

@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from amalgam.data import benchmarks
 from amalgam.data.benchmarks import cub200, fgvc_aircraft, stanford_cars, stanford_dogs
 from amalgam.data.check import check_data
-from amalgam.tasks import ConfigError, resolve_classes
+from amalgam.errors import ConfigError
+from amalgam.tasks import resolve_classes
 from archives import write_aircraft, write_cars, write_cub, write_dogs
 from conftest import make_cfg
 

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from amalgam.build import build_amalgamation
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 from amalgam.train_teacher import train_teacher
 from amalgam.utils import CONF_DIR
 from conftest import make_cfg

@@ -29,7 +29,7 @@ from amalgam.data import (
 )
 from amalgam.data import benchmarks as benchmarks_mod
 from amalgam.data import sources as sources_mod
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 TASKS = {"a": ["c3", "c7", "c1"], "b": ["c0", "c5"]}

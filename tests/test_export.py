@@ -15,8 +15,9 @@ import yaml
 from PIL import Image
 
 from amalgam.amalgamate import amalgamate
+from amalgam.api import load_amalgamation
 from amalgam.data import ImageFormat
-from amalgam.evaluate import load_amalgamation
+from amalgam.errors import ConfigError
 from amalgam.export import (
     GREY_LEVEL,
     card_metadata,
@@ -24,7 +25,6 @@ from amalgam.export import (
     export_pretrained_cfg,
     export_student,
 )
-from amalgam.tasks import ConfigError
 from conftest import make_cfg
 
 QUIET = ["~callbacks.progress", "+trainer.enable_progress_bar=false"]

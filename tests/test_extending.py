@@ -6,8 +6,8 @@ import pytest
 import torch.nn.functional as F
 
 from amalgam.amalgamate import amalgamate
+from amalgam.errors import ConfigError
 from amalgam.methods import Method
-from amalgam.tasks import ConfigError
 from conftest import make_cfg
 
 

@@ -159,7 +159,7 @@ def test_public_imagenet_weights_from_a_package_as_a_teacher(tmp_path):
     assert out.logits[0].shape == (2, 1000) and out.features[0][0].shape[1] == 320
     assert len(bank.metas["lite0"].sha256) == 64
     # the same file by name (no order mapping) does not fit: the error says so
-    from amalgam.tasks import ConfigError
+    from amalgam.errors import ConfigError
 
     with pytest.raises(ConfigError, match="do not fit the architecture"):
         load_teacher_bank({"lite0": {**entry, "key_map": "name"}})

@@ -9,7 +9,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from amalgam.amalgamate import objective
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 from test_scaleout import cli
 
 QUIET = ["~callbacks.progress", "+trainer.enable_progress_bar=false"]

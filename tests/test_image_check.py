@@ -10,7 +10,7 @@ from PIL import Image
 
 from amalgam.data import verify
 from amalgam.data.sources import image_folder, load_image
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 from amalgam.validate import _count_images
 
 

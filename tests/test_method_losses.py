@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from amalgam.backbone import Backbone, ModelOutput, match_stages
+from amalgam.errors import ConfigError
 from amalgam.methods import CFL, LKA, UHC, Hint
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.tasks import LabelSpace
 from amalgam.teachers.bank import Teacher, TeacherOutputs, align_stages, load_teacher_bank
 
 # ------------------------------------------------------------------------------ brute force

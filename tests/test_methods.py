@@ -3,10 +3,11 @@ import timm
 import torch
 
 from amalgam.backbone import Backbone, ModelOutput
+from amalgam.errors import ConfigError
 from amalgam.evaluation import AmalgamAccuracy
 from amalgam.methods import CFL, KD, CommonFeatureBlock, Scratch
 from amalgam.module import AmalgamModule, images_of
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.tasks import LabelSpace
 from amalgam.teachers import TeacherMeta, export_teacher, load_teacher_bank
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from amalgam.errors import ConfigError
 from amalgam.optim import build_optimizer, param_groups, use_fused
-from amalgam.tasks import ConfigError
 
 
 def train(cfg: dict, steps: int = 5) -> list[torch.Tensor]:

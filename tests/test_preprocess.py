@@ -14,7 +14,7 @@ from amalgam.data import AmalgamDataModule
 from amalgam.data.datamodule import AllViews, ViewImages
 from amalgam.data.sources import image_folder
 from amalgam.data.transforms import Preprocess, rrc_box, view_seed
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

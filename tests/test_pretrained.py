@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from amalgam import backbone as bb
 from amalgam.backbone import Backbone, check_arch, create_timm, data_config, offline_arch
 from amalgam.build import build_student
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 from amalgam.teachers import load_teacher_bank
 from amalgam.teachers.io import TeacherMeta, export_teacher, read_meta, read_weights
 from conftest import make_cfg
@@ -364,7 +364,7 @@ def test_teacher_from_init_file_records_it(tmp_path, lite0_file):
 def test_hub_arch_teacher_in_a_teacher_set(hub, tmp_path):
     """A teacher_set entry with an hf-hub:/local-dir: arch and its own weights file builds
     (pretrained=False; the architecture's config is read from the local cache)."""
-    from amalgam.build import teacher_tasks
+    from amalgam.teachers.bank import teacher_tasks
 
     _, models = hub
     snap = models[TINY][0]

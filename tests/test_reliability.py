@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from amalgam import report
 from amalgam.data.datamodule import EpochShuffle
+from amalgam.errors import ConfigError
 from amalgam.reliability import (
     AtomicCheckpointIO,
     NanGuard,
@@ -39,7 +40,6 @@ from amalgam.reliability import (
     atomic_open,
     remove_stale_temps,
 )
-from amalgam.tasks import ConfigError
 from conftest import make_cfg
 from signals import SignalAtStep
 

@@ -15,8 +15,8 @@ import pytest
 
 import amalgam
 from amalgam import rundir
+from amalgam.errors import ConfigError
 from amalgam.launch import checkpoint_bytes, config_changes
-from amalgam.tasks import ConfigError
 from conftest import make_cfg
 from test_scaleout import TESTS, cli
 

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from amalgam.backbone import ModelOutput
-from amalgam.build import build_amalgamation, to_dict
+from amalgam.build import build_amalgamation
+from amalgam.errors import ConfigError
 from amalgam.evaluation import evaluate, task_confusion, task_owner
 from amalgam.report.run import markdown
 from amalgam.targets import (
@@ -25,8 +26,8 @@ from amalgam.targets import (
     gaussian_fit,
     union_log_targets,
 )
-from amalgam.tasks import ConfigError, LabelSpace
-from amalgam.utils import CONF_DIR
+from amalgam.tasks import LabelSpace
+from amalgam.utils import CONF_DIR, to_dict
 from amalgam.validate import check_targets
 from conftest import make_cfg
 
@@ -526,5 +527,7 @@ def _concat_checkpoint(root: Path, out: Path) -> Path:
     _, module = build_amalgamation(cfg)
     path = out / "m.ckpt"
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "global_step": 0}, path)
+    ckpt = {"state_dict": module.state_dict(), "global_step": 0}
+    module.on_save_checkpoint(ckpt)  # the amalgam record, as Lightning's save writes it
+    torch.save(ckpt, path)
     return path

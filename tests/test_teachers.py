@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from amalgam.backbone import Backbone, check_arch
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 from amalgam.teachers import (
     TeacherMeta,
     build_teacher,

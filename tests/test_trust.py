@@ -10,9 +10,10 @@ import torch
 import yaml
 
 import amalgam
-from amalgam.evaluate import evaluate_checkpoint, read_checkpoint
+from amalgam.checkpoint import read_checkpoint
+from amalgam.errors import ConfigError
+from amalgam.evaluate import evaluate_checkpoint
 from amalgam.export import export_student
-from amalgam.tasks import ConfigError
 from amalgam.teachers.io import read_weights, torch_load_safely
 from amalgam.trust import SHIPPED_TARGETS, allowed, check_untrusted_config
 from amalgam.utils import CONF_DIR
@@ -149,8 +150,10 @@ def test_checkpoint_naming_a_foreign_callable_never_calls_it(finished_run, tmp_p
     assert victim.read_text() == "do not empty me\n"
     assert not (tmp_path / "eval").exists() and not (tmp_path / "export").exists()
     # the untouched checkpoint still loads, through every entry point
-    assert read_checkpoint(finished_run)["amalgam"]["config"]["targets"]["_target_"].startswith(
-        "amalgam.targets."
+    assert (
+        read_checkpoint(finished_run, ())
+        .record.config["targets"]["_target_"]
+        .startswith("amalgam.targets.")
     )
 
 

@@ -17,11 +17,12 @@ from safetensors.torch import save_file
 
 import amalgam.build
 from amalgam.amalgamate import amalgamate
-from amalgam.build import build_amalgamation, to_dict
+from amalgam.build import build_amalgamation
+from amalgam.errors import ConfigError
 from amalgam.launch import check_launch, resume_checkpoint
-from amalgam.tasks import ConfigError
 from amalgam.teachers.io import TeacherMeta, export_teacher, read_meta, read_weights
 from amalgam.train_teacher import train_teacher
+from amalgam.utils import to_dict
 from amalgam.validate import (
     DataFacts,
     check_batch_size,

@@ -17,7 +17,7 @@ _EXPORTS = {
     "compose": "amalgam.api",
     "load": "amalgam.api",
     "preset": "amalgam.api",
-    "ConfigError": "amalgam.tasks",
+    "ConfigError": "amalgam.errors",
     "AmalgamDataModule": "amalgam.data",
     "Teacher": "amalgam.teachers.bank",
     "TeacherBank": "amalgam.teachers.bank",

@@ -11,8 +11,8 @@ import hydra
 from omegaconf import DictConfig
 
 from amalgam.api import Amalgamation, attach_cache, final_report
+from amalgam.errors import ConfigError
 from amalgam.launch import one_line_errors
-from amalgam.tasks import ConfigError
 from amalgam.utils import CONF_DIR
 
 __all__ = ["amalgamate", "attach_cache", "final_report", "main", "objective"]

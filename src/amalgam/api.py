@@ -41,9 +41,9 @@ from amalgam.build import (
     build_datamodule,
     build_method,
     build_student,
-    to_dict,
     with_shapes,
 )
+from amalgam.checkpoint import RunRecord, StudentCheckpoint, read_checkpoint
 from amalgam.console import (
     CONFIG_TREE,
     console_callbacks,
@@ -52,6 +52,7 @@ from amalgam.console import (
     trainer_kwargs,
 )
 from amalgam.data import AmalgamDataModule, Source
+from amalgam.errors import ConfigError
 from amalgam.evaluation import evaluate, model_stats
 from amalgam.launch import (
     check_launch,
@@ -73,11 +74,18 @@ from amalgam.module import AmalgamModule
 from amalgam.provenance import provenance
 from amalgam.reliability import AtomicCheckpointIO, CSVLogger
 from amalgam.rundir import check_free_space
-from amalgam.tasks import ConfigError
-from amalgam.teachers.bank import Teacher, TeacherBank, load_teacher_bank
+from amalgam.teachers.bank import Teacher, TeacherBank, load_teacher_bank, teacher_tasks
 from amalgam.teachers.cache import open_or_build
 from amalgam.teachers.io import check_module_teacher
-from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
+from amalgam.utils import (
+    CONF_DIR,
+    finish_loggers,
+    instantiate_group,
+    log,
+    quiet_known_warnings,
+    to_dict,
+)
+from amalgam.validate import check_checkpoint
 
 PathLike = str | Path
 # conf/trainer/default.yaml, for runs built from Python objects
@@ -300,8 +308,6 @@ def _teacher_set(teachers: Mapping[str, Any]) -> dict[str, dict[str, Any] | Teac
 def _teacher_tasks(teacher_set: Mapping[str, dict[str, Any] | Teacher]) -> dict[str, list[Any]]:
     """Each teacher's classes, in teacher order: a file's from its metadata or config, an
     in-memory teacher's as given."""
-    from amalgam.build import teacher_tasks
-
     files = {n: t for n, t in teacher_set.items() if not isinstance(t, Teacher)}
     known = teacher_tasks(files) if files or not teacher_set else {}
     return {
@@ -586,7 +592,7 @@ class Amalgamation:
             "optim": optim_cfg,
             "data": dict(to_dict(data)) if _is_config(data) else None,
         }
-        record = {"config": config, "label_space": bank.space.as_dict()}
+        record = RunRecord(config=config, label_space=bank.space.as_dict())
         module = AmalgamModule(bank, student_net, method_obj, optim_cfg, record)
         attach_cache(
             {"enabled": teacher_cache is not None, "dir": str(teacher_cache), "views": cache_views},
@@ -709,12 +715,10 @@ class Amalgamation:
         The stored config may name only allowed callables (`amalgam.trust`): amalgam's own, the
         ones its configs name, and `trust_targets` (dotted names of your own classes).
         """
-        from amalgam.evaluate import load_amalgamation, read_checkpoint
-
         quiet_known_warnings()
-        record = read_checkpoint(ckpt_path, trust_targets)["amalgam"]
-        stored = record.get("config") or {}
-        _check_teacher_files(ckpt_path, record.get("teachers"), overrides)
+        ckpt = read_checkpoint(ckpt_path, trust_targets, "ckpt_path")
+        stored = ckpt.record.config
+        _check_teacher_files(ckpt_path, ckpt.record.teachers, overrides)
         missing = [
             k for k in ("data", "student", "method", "optim") if not (overrides or {}).get(k)
         ]
@@ -726,9 +730,7 @@ class Amalgamation:
                 + ", ".join(f"'{k}': {{...}}" for k in missing)
                 + "} or rebuild the Amalgamation and load the state dict"
             )
-        cfg, dm, module = load_amalgamation(
-            ckpt_path, dict(overrides) if overrides else None, trust_targets
-        )
+        cfg, dm, module = rebuild(ckpt, dict(overrides) if overrides else None)
         info = {  # the extra fields of `python -m amalgam.evaluate`
             "method": method_name(cfg),
             "seed": int(cfg.seed) if cfg.get("seed") is not None else None,
@@ -786,8 +788,6 @@ class Amalgamation:
             raise ConfigError("this Amalgamation is fitted already; build a new one to train again")
         resume_from = self._resume_from
         if ckpt_path is not None:
-            from amalgam.validate import check_checkpoint
-
             resume_from = Path(ckpt_path)
             if not resume_from.is_file():
                 raise ConfigError(f"ckpt_path '{ckpt_path}' not found: give a checkpoint file")
@@ -806,11 +806,11 @@ class Amalgamation:
         console = getattr(self, "_console", None) or console_settings(None)
         if console.get("log_lines", True):
             log.info("run dir: %s", self.output_dir)
-        hparams = to_dict(self.config) if self.config is not None else module.record.get("config")
+        hparams = to_dict(self.config) if self.config is not None else module.record.config
         if console.get("config_tree", True) and hparams:
             show_config(hparams, self.output_dir, echo=bool(console.get("log_lines", True)))
         loggers = self._make_loggers(resume_from)
-        module.record["wandb_id"] = wandb_id(loggers)
+        module.record.wandb_id = wandb_id(loggers)
         log_hyperparams(loggers, hparams)
         callbacks = self._make_callbacks()
         trainer = self._make_trainer(loggers, callbacks)
@@ -874,6 +874,46 @@ class Amalgamation:
         if show:
             report.show(results)
         return results
+
+
+def rebuild(
+    ckpt: StudentCheckpoint, overrides: Mapping[str, Any] | None = None
+) -> tuple[DictConfig, Any, AmalgamModule]:
+    """(config, datamodule, eval-mode module) rebuilt from a checkpoint read by
+    `read_checkpoint`, teachers hash-checked. `overrides` come from the caller (trusted)."""
+    rec = ckpt.record
+    cfg = OmegaConf.create(rec.config)
+    for name, t in rec.teachers.items():
+        cfg.teacher_set[name].weights = t["path"]
+    if overrides:
+        cfg = OmegaConf.merge(cfg, dict(overrides))
+    # the checkpoint holds the rules' statistics and every student tensor
+    dm, module = build_amalgamation(cfg, fit_rules=False, init_student=False)
+    hashes = module.teachers.hashes()
+    for name, then in rec.teacher_hashes().items():
+        if hashes[name] != then:
+            raise ConfigError(
+                f"teacher '{name}' at '{rec.teachers[name]['path']}' has changed since the "
+                f"checkpoint was written (hash {hashes[name][:12]} != {str(then)[:12]})"
+            )
+    missing, unexpected = module.load_state_dict(ckpt.state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith("teachers.")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    module.eval()
+    return cfg, dm, module
+
+
+def load_amalgamation(
+    ckpt_path: PathLike,
+    overrides: Mapping[str, Any] | None = None,
+    trust_targets: Sequence[str] = (),
+) -> tuple[DictConfig, Any, AmalgamModule]:
+    """(config, datamodule, eval-mode module) from a checkpoint file: the stored config checked
+    against the allow-list (and `trust_targets`), then `rebuild`."""
+    return rebuild(read_checkpoint(ckpt_path, trust_targets, "ckpt_path"), overrides)
 
 
 def _check_teacher_files(

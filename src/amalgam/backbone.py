@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 
 @dataclass
@@ -593,3 +593,13 @@ def rebuilds_from_name(model: nn.Module, arch: str, num_classes: int, in_chans: 
         except Exception:
             return False
     return _signature(fresh) == _signature(model)
+
+
+def check_init(cfg: Mapping[str, Any], prefix: str, file_key: str = "weights") -> None:
+    """`pretrained: true` and an init file both give initial weights: refuse the pair."""
+    if cfg.get("pretrained") and cfg.get(file_key):
+        raise ConfigError(
+            f"{prefix}.pretrained=true and {prefix}.{file_key}='{cfg[file_key]}' both give the "
+            f"initial weights: pick one ({prefix}.{file_key}=null for timm's pretrained weights, "
+            f"or {prefix}.pretrained=false to start from the file)"
+        )

@@ -7,17 +7,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from amalgam.backbone import Backbone, check_arch, create_timm, data_config
+from amalgam.backbone import Backbone, check_arch, check_init, create_timm, data_config
+from amalgam.checkpoint import RunRecord
 from amalgam.module import AmalgamModule
-from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
-from amalgam.teachers.bank import TeacherBank, align_stages, load_teacher_bank, teacher_weights
-from amalgam.teachers.io import init_from_file, meta_path, read_meta
-
-
-def to_dict(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+from amalgam.tasks import LabelSpace
+from amalgam.teachers.bank import (
+    TeacherBank,
+    align_stages,
+    check_config_classes,
+    load_teacher_bank,
+    teacher_tasks,
+)
+from amalgam.teachers.io import init_from_file
+from amalgam.utils import to_dict
+from amalgam.validate import validate_amalgamation, validate_label_space
 
 
 def build_datamodule(data_cfg: Any, tasks: Mapping[str, Any]):
@@ -27,50 +32,6 @@ def build_datamodule(data_cfg: Any, tasks: Mapping[str, Any]):
     dm = hydra.utils.instantiate(data_cfg, tasks=tasks)
     _ = dm.label_space
     return dm
-
-
-def teacher_tasks(teacher_set: Mapping[str, Any]) -> dict[str, list]:
-    """Each teacher's classes: its metadata file's names, else the config's names/indices."""
-    if not teacher_set:
-        raise ConfigError(
-            "teacher_set is empty: amalgamation needs at least one teacher; pick a set "
-            "(e.g. teacher_set=fashion2) or add entries teacher_set.<name>.weights=..."
-        )
-    tasks = {}
-    for name, t in teacher_set.items():
-        weights = teacher_weights(name, t)
-        meta = read_meta(weights) or {}
-        arch = t.get("arch") or meta.get("arch")
-        if not arch:
-            raise ConfigError(f"teacher '{name}': no arch in config nor in '{meta_path(weights)}'")
-        check_arch(arch, f"teacher_set.{name}.arch")
-        classes = meta.get("classes") or t.get("classes")
-        if not classes:
-            raise ConfigError(f"teacher '{name}': empty class list (teacher_set.{name}.classes)")
-        tasks[name] = list(classes)
-    return tasks
-
-
-def check_config_classes(teacher_set: Mapping[str, Any], space: LabelSpace, data_classes) -> None:
-    """A teacher's configured classes must equal those its file was trained on."""
-    for name, t in teacher_set.items():
-        if t.get("classes") and read_meta(t["weights"]):
-            given = resolve_classes(t["classes"], data_classes, name)
-            if tuple(given) != space.task(name).classes:
-                raise ConfigError(
-                    f"teacher '{name}': config classes {list(given)} differ from the classes its "
-                    f"file was trained on {list(space.task(name).classes)}; fix teacher classes"
-                )
-
-
-def check_init(cfg: Mapping[str, Any], prefix: str, file_key: str = "weights") -> None:
-    """`pretrained: true` and an init file both give initial weights: refuse the pair."""
-    if cfg.get("pretrained") and cfg.get(file_key):
-        raise ConfigError(
-            f"{prefix}.pretrained=true and {prefix}.{file_key}='{cfg[file_key]}' both give the "
-            f"initial weights: pick one ({prefix}.{file_key}=null for timm's pretrained weights, "
-            f"or {prefix}.pretrained=false to start from the file)"
-        )
 
 
 def build_student(cfg: Mapping[str, Any], num_classes: int, nhwc: bool = False) -> Backbone:
@@ -159,8 +120,6 @@ def build_amalgamation(
     (statistics included) is about to be loaded from a checkpoint. `init_student=False` skips
     the student's pretrained weights or init file (every tensor comes from a checkpoint).
     """
-    from amalgam.validate import validate_amalgamation, validate_label_space  # imports build
-
     if not init_student:
         cfg = cfg.copy()
         with open_dict(cfg):
@@ -194,7 +153,7 @@ def build_amalgamation(
     rule = getattr(method, "targets", None)
     if fit_rules and getattr(rule, "needs_fit", False):  # statistics of the teachers' own images
         rule.fit(bank, dm)
-    record = {"config": to_dict(cfg), "label_space": space.as_dict()}
+    record = RunRecord(config=to_dict(cfg), label_space=space.as_dict())
     if dm.preprocess.mode == "timm":  # as resolved (the config may leave values to the student)
-        record["preprocess"] = {**dm.preprocess.as_dict(), "image_size": dm.image_size}
+        record.preprocess = {**dm.preprocess.as_dict(), "image_size": dm.image_size}
     return dm, AmalgamModule(bank, student, method, to_dict(cfg.optim), record)

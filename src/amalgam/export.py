@@ -27,11 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from amalgam.backbone import Backbone, offline_arch
 from amalgam.build import build_student
+from amalgam.checkpoint import RunRecord, StudentCheckpoint, read_checkpoint
 from amalgam.data.transforms import Preprocess
-from amalgam.evaluate import read_checkpoint
+from amalgam.errors import ConfigError
 from amalgam.launch import one_line_errors
 from amalgam.report.run import HEADER, md_table, rows
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.tasks import LabelSpace
 from amalgam.teachers.io import load_into, state_dict_hash
 from amalgam.trust import trust_list
 from amalgam.utils import CONF_DIR, log, quiet_known_warnings
@@ -76,11 +77,11 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 GREY_LEVEL = 1 / 255
 
 
-def student_state(ckpt: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+def student_state(ckpt: StudentCheckpoint, where: str) -> dict[str, torch.Tensor]:
     """The bare timm state dict of the student (`student.model.*` keys, prefix dropped)."""
     sd = {
         k[len(STUDENT_PREFIX) :]: v.detach().cpu().contiguous()
-        for k, v in ckpt["state_dict"].items()
+        for k, v in ckpt.state_dict.items()
         if k.startswith(STUDENT_PREFIX)
     }
     if not sd:
@@ -91,19 +92,19 @@ def student_state(ckpt: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def rebuild_student(ckpt: dict[str, Any], where: str) -> tuple[Backbone, LabelSpace]:
+def rebuild_student(ckpt: StudentCheckpoint, where: str) -> tuple[Backbone, LabelSpace]:
     """The student Backbone (weights loaded strictly) and its label space; no teachers needed."""
-    rec = ckpt["amalgam"]
-    lacking = [k for k in ("config", "label_space", "teachers") if not rec.get(k)]
-    if lacking or "student" not in rec["config"]:
+    rec = ckpt.record
+    lacking = [k for k in ("config", "label_space", "teachers") if not getattr(rec, k)]
+    if lacking or "student" not in rec.config:
         raise ConfigError(
             f"checkpoint '{where}': its amalgam record lacks {lacking or ['config.student']}; "
             f"re-run amalgam.amalgamate to write a complete checkpoint"
         )
-    space = LabelSpace.from_mapping(rec["label_space"])
+    space = LabelSpace.from_mapping(rec.label_space)
     # the init file and compile/channels_last only matter for training: every tensor is loaded
     scfg = {
-        **rec["config"]["student"],
+        **rec.config["student"],
         "weights": None,
         "pretrained": False,
         "compile": False,
@@ -117,9 +118,9 @@ def rebuild_student(ckpt: dict[str, Any], where: str) -> tuple[Backbone, LabelSp
 # ---------------------------------------------------------------- preprocessing
 
 
-def file_transform(rec: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+def file_transform(rec: RunRecord, where: str) -> dict[str, Any] | None:
     """timm mode's file transform as the run resolved it (None: square mode), checked."""
-    ft = rec.get("preprocess")
+    ft = rec.preprocess
     if not ft:
         return None
     bad = f"checkpoint '{where}': its stored timm preprocessing {ft!r} is invalid"
@@ -260,7 +261,7 @@ def data_sources(cfg: Mapping[str, Any]) -> list[str]:
 
 def describe(
     name: str,
-    ckpt: dict[str, Any],
+    ckpt: StudentCheckpoint,
     ckpt_path: Path,
     student: Backbone,
     space: LabelSpace,
@@ -268,8 +269,8 @@ def describe(
     pre: dict[str, Any],
 ) -> dict[str, Any]:
     """config.json's `amalgam` entry: tasks, amalgam's preprocessing record, provenance."""
-    rec = ckpt["amalgam"]
-    cfg = rec["config"]
+    rec = ckpt.record
+    cfg = rec.config
     method, weights, _ = method_of(cfg)
     # a name timm rebuilds with no hub access (hf-hub:timm/<name> -> <name>, ...)
     arch, arch_kwargs = offline_arch(str(cfg["student"]["arch"]), student.model, "student.arch")
@@ -288,18 +289,18 @@ def describe(
         "preprocessing": pre,
         "source": {
             "checkpoint": str(ckpt_path.resolve()),
-            "epoch": ckpt.get("epoch"),
-            "global_step": ckpt.get("global_step"),
+            "epoch": ckpt.epoch,
+            "global_step": ckpt.global_step,
             "method": method,
             "loss_weights": weights,
             "target_rule": rule_of(cfg)[0],
             "seed": cfg.get("seed"),
             "data": data_sources(cfg),
             "student_init": student_init(cfg["student"]),
-            "wandb_id": rec.get("wandb_id"),
+            "wandb_id": rec.wandb_id,
             "teachers": {
                 n: {"arch": t["meta"]["arch"], "sha256": t["meta"]["sha256"], "path": t["path"]}
-                for n, t in rec["teachers"].items()
+                for n, t in rec.teachers.items()
             },
         },
     }
@@ -491,11 +492,11 @@ def preprocessing_lines(config: Mapping[str, Any], cfg: Mapping[str, Any]) -> li
 
 
 def model_card(
-    name: str, config: Mapping[str, Any], ckpt: dict[str, Any], results: Mapping[str, Any] | None
+    name: str, config: Mapping[str, Any], ckpt: StudentCheckpoint, results: Mapping[str, Any] | None
 ) -> str:
     """README.md: Hugging Face metadata, results, use, classes, preprocessing, teachers, method."""
-    rec = ckpt["amalgam"]
-    cfg = rec["config"]
+    rec = ckpt.record
+    cfg = rec.config
     am = config["amalgam"]
     arch, src = config["architecture"], am["source"]
     method, weights, rest = method_of(cfg)
@@ -513,7 +514,7 @@ def model_card(
         f"# {name}",
         "",
         f"A `{arch}` image classifier over {config['num_classes']} classes, the union of the "
-        f"tasks of {len(rec['teachers'])} teachers, trained without labels by knowledge "
+        f"tasks of {len(rec.teachers)} teachers, trained without labels by knowledge "
         f"amalgamation (amalgam, method `{method}`, target rule `{rule}`).",
         "",
         "## Results (test set)",
@@ -586,7 +587,7 @@ def model_card(
                     else f"{100 * t['meta']['test_acc']:.2f}",
                     f"`{t['meta']['sha256']}`",
                 )
-                for n, t in rec["teachers"].items()
+                for n, t in rec.teachers.items()
             ],
         ),
         "",
@@ -706,10 +707,10 @@ def export_student(
         )
     ckpt_path = Path(ckpt_path)
     where = str(ckpt_path)
-    ckpt = read_checkpoint(ckpt_path, trust_targets)
+    ckpt = read_checkpoint(ckpt_path, trust_targets, "ckpt_path")
     student, space = rebuild_student(ckpt, where)
-    rec = ckpt["amalgam"]
-    cfg = rec["config"]
+    rec = ckpt.record
+    cfg = rec.config
     ft = file_transform(rec, where)
     size = trained_size(cfg, ft, where)
     results = find_results(ckpt_path, space)

@@ -30,11 +30,12 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from amalgam.backbone import Backbone, ModelOutput, create_timm
-from amalgam.build import build_method, to_dict
+from amalgam.build import build_method
+from amalgam.errors import ConfigError
 from amalgam.provenance import cpu_name
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.tasks import LabelSpace
 from amalgam.teachers.bank import TeacherOutputs
-from amalgam.utils import CONF_DIR, quiet_known_warnings
+from amalgam.utils import CONF_DIR, quiet_known_warnings, to_dict
 
 # official split sizes: the student's training pool is the union of the tasks' training images,
 # evaluation runs teachers and student over the union of their test images

@@ -18,10 +18,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from amalgam import rundir
-from amalgam.build import to_dict
-from amalgam.tasks import ConfigError
-from amalgam.teachers.io import torch_load_safely
-from amalgam.utils import log, shorten
+from amalgam.checkpoint import read_checkpoint
+from amalgam.errors import ConfigError
+from amalgam.utils import log, shorten, to_dict
 from amalgam.validate import check_checkpoint, check_run_dirs, check_seed, check_writable_dir
 
 
@@ -181,22 +180,11 @@ class ResumeState(NamedTuple):
     rule_fitted: bool  # holds a fitted target rule's statistics (then the resume skips the fit)
 
 
-@functools.lru_cache(maxsize=4)
-def _resume_state(path: str, mtime_ns: int, size: int) -> ResumeState:
-    ckpt = torch_load_safely(path, "ckpt_path")
-    sd = ckpt.get("state_dict", {})
-    return ResumeState(
-        step=int(ckpt["global_step"]),
-        wandb_id=(ckpt.get("amalgam") or {}).get("wandb_id"),
-        rule_fitted=any(k.endswith("targets.fitted") and bool(v) for k, v in sd.items()),
-    )
-
-
 def resume_state(ckpt: Path) -> ResumeState:
-    """Read once per file version (keyed by path, mtime and size), however many parts of the
-    launch ask: the loggers (step, wandb id) and the build (whether to fit the rule)."""
-    st = os.stat(ckpt)
-    return _resume_state(str(ckpt), st.st_mtime_ns, st.st_size)
+    """What the loggers (step, wandb id) and the build (whether to fit the rule) need from the
+    checkpoint; `read_checkpoint` reads the file once per version, however many ask."""
+    c = read_checkpoint(ckpt, key="ckpt_path")
+    return ResumeState(step=c.global_step, wandb_id=c.record.wandb_id, rule_fitted=c.rule_fitted())
 
 
 def wandb_id_of(ckpt: Path | None) -> str | None:
@@ -402,14 +390,14 @@ def check_resume(cfg: DictConfig, ckpt: Path, module: nn.Module) -> list[tuple[s
     change (learning rate, epochs, loss weights, data) needs `+resume_changes=allow`: the
     resumed run then differs from an uninterrupted one. Returns the allowed changes.
     """
-    stored = torch_load_safely(ckpt, "ckpt_path")
-    old = ((stored.get("amalgam") or {}).get("config")) or {}
+    stored = read_checkpoint(ckpt, key="ckpt_path")
+    old = stored.record.config
     new = to_dict(cfg)
     # a run built from Python objects stores only some groups: compare those
     new = {k: v for k, v in new.items() if old.get(k) is not None}
     changes = config_changes(old, new)
     fresh = "start afresh with ckpt_path=null (in a new run dir)"
-    mismatch = state_mismatch(module, stored.get("state_dict") or {})
+    mismatch = state_mismatch(module, stored.state_dict)
     other_optim = [c for c in changes if c[0] in OPTIMIZER_KEYS]
     if mismatch or other_optim:
         why = (

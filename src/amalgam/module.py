@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
 import torch
 
 from amalgam.backbone import Backbone
+from amalgam.checkpoint import RunRecord, write_record
 from amalgam.classifier import split_head, steps_per_epoch
 from amalgam.evaluation import AmalgamAccuracy
 from amalgam.methods.base import Method
@@ -46,14 +48,14 @@ class AmalgamModule(L.LightningModule):
         student: Backbone,
         method: Method,
         optim: Mapping[str, Any],
-        record: Mapping[str, Any] | None = None,
+        record: RunRecord | None = None,
     ) -> None:
         super().__init__()
         self.teachers = teachers
         self.student = student
         self.method = method
         self.optim = dict(optim)
-        self.record = dict(record or {})
+        self.record = record or RunRecord()  # the checkpoint's `amalgam` record, less teachers
         self.space = teachers.space
         self.strict_loading = False
         # set by the caller to read teacher outputs from a cache: (device, rank, world, barrier,
@@ -75,7 +77,7 @@ class AmalgamModule(L.LightningModule):
         return sd
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["amalgam"] = {**self.record, "teachers": self.teachers.record()}
+        write_record(checkpoint, replace(self.record, teachers=self.teachers.record()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x, features=False).logits

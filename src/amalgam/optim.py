@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

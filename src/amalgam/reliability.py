@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from amalgam import rundir
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 from amalgam.utils import log
 from amalgam.utils import pid_alive as _pid_alive
 

@@ -28,11 +28,12 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from amalgam.build import build_amalgamation, to_dict
+from amalgam.build import build_amalgamation
+from amalgam.errors import ConfigError
 from amalgam.evaluation import AmalgamAccuracy, task_confusion, task_owner
 from amalgam.targets import TargetRule, pooled
-from amalgam.tasks import ConfigError, LabelSpace
-from amalgam.utils import CONF_DIR, quiet_known_warnings
+from amalgam.tasks import LabelSpace
+from amalgam.utils import CONF_DIR, quiet_known_warnings, to_dict
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:

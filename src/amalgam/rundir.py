@@ -30,7 +30,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from hydra.errors import CompactHydraException
 
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 from amalgam.utils import log, nearest_existing, pid_alive
 
 LOCK = ".amalgam.lock"

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.errors import ConfigError
+from amalgam.tasks import LabelSpace
 from amalgam.utils import log
 
 Features = Sequence[Any]  # per teacher: its list of feature maps, one map, or pooled [B, D]

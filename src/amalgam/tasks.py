@@ -5,15 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hydra.errors import CompactHydraException
-
-
-class ConfigError(ValueError, CompactHydraException):
-    """Bad input found before any heavy work; the message names the key or file and the fix.
-
-    A CompactHydraException: a Hydra entry point prints its message alone, one line, with no
-    traceback (HYDRA_FULL_ERROR=1 still shows the traceback).
-    """
+from amalgam.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,28 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from amalgam.backbone import Backbone, create_timm, data_config, offline_arch, pretrained_source
-from amalgam.build import build_datamodule, check_init, to_dict
+from amalgam.backbone import (
+    Backbone,
+    check_init,
+    create_timm,
+    data_config,
+    offline_arch,
+    pretrained_source,
+)
+from amalgam.build import build_datamodule
 from amalgam.classifier import ClassifierModule
 from amalgam.console import console_callbacks, console_settings, show_config
 from amalgam.launch import log_hyperparams, one_line_errors
 from amalgam.provenance import provenance
 from amalgam.teachers.io import TeacherMeta, export_teacher, init_from_file
-from amalgam.utils import CONF_DIR, finish_loggers, instantiate_group, log, quiet_known_warnings
+from amalgam.utils import (
+    CONF_DIR,
+    finish_loggers,
+    instantiate_group,
+    log,
+    quiet_known_warnings,
+    to_dict,
+)
 from amalgam.validate import validate_teacher_training
 
 

@@ -24,7 +24,7 @@ import inspect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 # every `_target_` outside amalgam that a file under conf/ names (tests/test_trust.py checks
 # that this list covers conf/)

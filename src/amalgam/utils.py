@@ -15,6 +15,11 @@ CONF_DIR = os.environ.get("AMALGAM_CONF", str(Path(__file__).resolve().parents[2
 log = logging.getLogger("amalgam")
 
 
+def to_dict(cfg: Any) -> Any:
+    """A DictConfig as plain containers, interpolations resolved; anything else as it is."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
 def package_file(package: str, relative: str) -> str:
     """`${pkg_file:package,path}`: a file shipped inside an installed Python package."""
     import importlib.util

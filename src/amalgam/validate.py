@@ -23,10 +23,18 @@ from hydra.utils import get_object
 from omegaconf import DictConfig
 from torch import nn
 
-from amalgam.backbone import check_arch, check_pretrained, classifier_prefix, create_timm
-from amalgam.build import check_config_classes, check_init, teacher_tasks, to_dict
+from amalgam.backbone import (
+    check_arch,
+    check_init,
+    check_pretrained,
+    classifier_prefix,
+    create_timm,
+)
+from amalgam.checkpoint import read_checkpoint
 from amalgam.data import sources
-from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
+from amalgam.errors import ConfigError
+from amalgam.tasks import LabelSpace, resolve_classes
+from amalgam.teachers.bank import check_config_classes, teacher_tasks
 from amalgam.teachers.io import (
     KEY_MAPS,
     check_fit,
@@ -34,10 +42,9 @@ from amalgam.teachers.io import (
     match_keys,
     read_meta,
     resolve_meta,
-    torch_load_safely,
     weight_shapes,
 )
-from amalgam.utils import log, nearest_existing
+from amalgam.utils import log, nearest_existing, to_dict
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # what build_student / load_teacher_bank / train_teacher read from their config entries
@@ -52,7 +59,6 @@ TEACHER_KEYS = {
 }  # fmt: skip
 # the loss terms each method reads from method.weights
 BUILT_BY_CODE = {"space", "student_shapes", "teacher_shapes", "tasks", "targets"}
-RUN_CKPT = "an amalgam.amalgamate run (<run dir>/checkpoints/last.ckpt)"
 CHANNEL_RULE = "amalgam converts channels only 1 -> n (repeat) and n -> 1 (mean)"
 
 
@@ -878,13 +884,7 @@ def validate_teacher_training(cfg: DictConfig) -> None:
 
 def check_checkpoint(path: str | os.PathLike, teacher_set: Mapping[str, Any]) -> None:
     """A checkpoint to resume from: read safely, and written with this very teacher set."""
-    ckpt = torch_load_safely(path, "ckpt_path", f"Resume from a checkpoint of {RUN_CKPT}.")
-    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("amalgam"), Mapping):
-        raise ConfigError(
-            f"ckpt_path '{path}' was not written by amalgam.amalgamate (no 'amalgam' record): "
-            f"give {RUN_CKPT}, or 'last'"
-        )
-    rec = ckpt["amalgam"].get("teachers") or {}
+    rec = read_checkpoint(path, key="ckpt_path").record.teachers
     fresh = "resume with the teacher set it was trained with, or start afresh with ckpt_path=null"
     if sorted(rec) != sorted(teacher_set):
         raise ConfigError(

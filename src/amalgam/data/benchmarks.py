@@ -37,7 +37,7 @@ import torch
 
 from amalgam.data.sources import Source, Split, class_dirs, list_bad_files
 from amalgam.data.verify import find_bad_images
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 
 @dataclass(frozen=True)

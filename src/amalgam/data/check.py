@@ -27,7 +27,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
 from amalgam.data.sources import Source, concat
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 from amalgam.utils import CONF_DIR
 
 Print = Callable[[str], Any]

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from amalgam.data.sources import Source, Split, load_image, open_rgb
 from amalgam.data.transforms import Preprocess, seed_table, view_seed
+from amalgam.errors import ConfigError
 from amalgam.reliability import ResumableLoader, WorkerInit
-from amalgam.tasks import ConfigError, LabelSpace, resolve_classes
+from amalgam.tasks import LabelSpace, resolve_classes
 
 SplitName = Literal["train", "val", "test"]
 UNLABELED_POLICIES = ("union", "all")

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from amalgam.data import sources
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 
 def _run(cmd: list[str]) -> bool:

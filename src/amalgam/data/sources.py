@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from amalgam.data.verify import describe_error, find_bad_images
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 MODES = ("square", "timm")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from amalgam.backbone import ModelOutput
+from amalgam.errors import ConfigError
 from amalgam.losses import REFERENCE_SIGMAS, mmd_to_each, reconstruction_loss, soft_cross_entropy
 from amalgam.methods.base import Method, Shape
 from amalgam.targets import TargetRule
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.tasks import LabelSpace
 from amalgam.teachers.bank import TeacherOutputs
 
 RESIZE_RULES = ("pool", "interpolate")

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from amalgam.backbone import ModelOutput
+from amalgam.errors import ConfigError
 from amalgam.losses import reconstruction_loss, soft_cross_entropy
 from amalgam.methods.base import Method, Shape
 from amalgam.methods.cfl import RESIZE_RULES, MapConv, resize
 from amalgam.targets import TargetRule
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.tasks import LabelSpace
 from amalgam.teachers.bank import TeacherOutputs
 
 

@@ -1,7 +1,7 @@
 """Analysis of a finished sweep for notebooks/analysis.ipynb: tables, bars, t-SNE, confusion.
 
 Everything here reads saved run directories (results.json, checkpoints/final.ckpt, .hydra/) and
-reuses the package's own aggregation (`report.sweep`) and checkpoint rules (`evaluate`).
+reuses the package's own aggregation (`report.sweep`) and checkpoint loading (`api`).
 The sweep's numbers are pandas DataFrames: `jobs_frame` (one row per run) and `summarize` (one
 row per variant, `report.sweep.variants_frame` in METHOD_ORDER); the table and the bars take
 either the jobs frame or the results dicts of `load_sweep`. Figures are plain
@@ -249,10 +249,10 @@ def load_run(
     overrides: Mapping[str, Any] | None = None,
 ) -> LoadedRun:
     """Rebuild teachers (hash-checked), student and method from a run's checkpoint, as
-    `amalgam.evaluate.evaluate_checkpoint` does, without writing a report."""
+    `amalgam.load(path).evaluate()` does, without writing a report."""
     if isinstance(run, LoadedRun):
         return run
-    from amalgam.evaluate import load_amalgamation
+    from amalgam.api import load_amalgamation
     from amalgam.utils import quiet_known_warnings
 
     quiet_known_warnings()

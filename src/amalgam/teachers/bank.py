@@ -11,13 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from amalgam.backbone import Backbone, ModelOutput, match_stages
-from amalgam.tasks import ConfigError, LabelSpace
+from amalgam.backbone import Backbone, ModelOutput, check_arch, match_stages
+from amalgam.errors import ConfigError
+from amalgam.tasks import LabelSpace, resolve_classes
 from amalgam.teachers.io import (
     TeacherMeta,
     build_teacher,
+    meta_path,
     module_hash,
     module_teacher,
+    read_meta,
     resolve_meta,
     save_teacher_copy,
 )
@@ -233,3 +236,37 @@ def load_teacher_bank(
         metas[name] = meta
         paths[name] = str(weights)
     return TeacherBank(teachers, metas, paths, dtype, channels_last)
+
+
+def teacher_tasks(teacher_set: Mapping[str, Any]) -> dict[str, list]:
+    """Each teacher's classes: its metadata file's names, else the config's names/indices."""
+    if not teacher_set:
+        raise ConfigError(
+            "teacher_set is empty: amalgamation needs at least one teacher; pick a set "
+            "(e.g. teacher_set=fashion2) or add entries teacher_set.<name>.weights=..."
+        )
+    tasks = {}
+    for name, t in teacher_set.items():
+        weights = teacher_weights(name, t)
+        meta = read_meta(weights) or {}
+        arch = t.get("arch") or meta.get("arch")
+        if not arch:
+            raise ConfigError(f"teacher '{name}': no arch in config nor in '{meta_path(weights)}'")
+        check_arch(arch, f"teacher_set.{name}.arch")
+        classes = meta.get("classes") or t.get("classes")
+        if not classes:
+            raise ConfigError(f"teacher '{name}': empty class list (teacher_set.{name}.classes)")
+        tasks[name] = list(classes)
+    return tasks
+
+
+def check_config_classes(teacher_set: Mapping[str, Any], space: LabelSpace, data_classes) -> None:
+    """A teacher's configured classes must equal those its file was trained on."""
+    for name, t in teacher_set.items():
+        if t.get("classes") and read_meta(t["weights"]):
+            given = resolve_classes(t["classes"], data_classes, name)
+            if tuple(given) != space.task(name).classes:
+                raise ConfigError(
+                    f"teacher '{name}': config classes {list(given)} differ from the classes its "
+                    f"file was trained on {list(space.task(name).classes)}; fix teacher classes"
+                )

@@ -32,7 +32,7 @@ from amalgam.backbone import (
     rebuilds_from_name,
     timm_arch,
 )
-from amalgam.tasks import ConfigError
+from amalgam.errors import ConfigError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 V = TypeVar("V")  # a state dict's values: tensors, or their shapes
