@@ -43,7 +43,9 @@ def imports_of(name: str, path: Path, modules: Mapping[str, Path]) -> set[str]:
                 mod = ".".join([*base, *([node.module] if node.module else [])])
             else:
                 mod = node.module or ""
-            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+            targets = [
+                f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names
+            ]
         for t in targets:
             while t and t not in modules:  # `import amalgam.x.y as z` of a name in a module
                 t = t.rpartition(".")[0]

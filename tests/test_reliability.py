@@ -25,9 +25,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from amalgam import report
+from amalgam import files, report
 from amalgam.data.datamodule import EpochShuffle
 from amalgam.errors import ConfigError
+from amalgam.files import atomic_open, remove_stale_temps
 from amalgam.reliability import (
     AtomicCheckpointIO,
     NanGuard,
@@ -37,8 +38,6 @@ from amalgam.reliability import (
     ResumableLoader,
     WorkerInit,
     all_finite,
-    atomic_open,
-    remove_stale_temps,
 )
 from conftest import make_cfg
 from signals import SignalAtStep
@@ -164,9 +163,7 @@ def test_stale_temps_of_dead_writers_only_are_removed(tmp_path):
     path = tmp_path / "last.ckpt"
     dead = subprocess.Popen(["true"])
     dead.wait()
-    from amalgam import reliability
-
-    host = reliability._HOST
+    host = files.HOST
     stale = tmp_path / f".last.ckpt.{host}.{dead.pid}.abc123.tmp"
     live = tmp_path / f".last.ckpt.{host}.{os.getppid()}.abc123.tmp"
     other_host = tmp_path / f".last.ckpt.elsewhere.{dead.pid}.abc123.tmp"

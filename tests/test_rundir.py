@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import amalgam
-from amalgam import rundir
+from amalgam import files, rundir
 from amalgam.errors import ConfigError
 from amalgam.launch import checkpoint_bytes, config_changes
 from conftest import make_cfg
@@ -24,7 +24,7 @@ QUIET = ["~callbacks.progress", "+trainer.enable_progress_bar=false"]
 FAST = ["experiment=tiny", "debug=fast_dev_run", *QUIET]
 HOLD = """
 import sys, time
-from amalgam import rundir
+from amalgam import files, rundir
 rundir.claim(sys.argv[1])
 print("held", flush=True)
 time.sleep(120)
@@ -336,11 +336,12 @@ def small_disk(tmp_path):
 def test_a_full_disk_mid_run_names_the_file_and_keeps_the_last_checkpoint(small_disk):
     import torch
 
-    from amalgam.reliability import AtomicCheckpointIO, atomic_write_text
+    from amalgam.files import atomic_write_text
+    from amalgam.reliability import AtomicCheckpointIO
 
     io, last = AtomicCheckpointIO(), small_disk / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"w": torch.ones(100_000)}, last)  # 0.4 MB: fits
-    with pytest.raises(rundir.DiskFullError) as e:
+    with pytest.raises(files.DiskFullError) as e:
         io.save_checkpoint({"w": torch.zeros(1_000_000)}, last)  # 4 MB: does not
     msg = str(e.value)
     assert msg.startswith(f"writing '{last}' failed: the disk is full ('{last.parent}' has ")
@@ -348,7 +349,7 @@ def test_a_full_disk_mid_run_names_the_file_and_keeps_the_last_checkpoint(small_
     assert "inline_container" not in msg and "unexpected pos" not in msg
     assert torch.equal(torch.load(last, weights_only=True)["w"], torch.ones(100_000))
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no temp left
-    with pytest.raises(rundir.DiskFullError, match=r"results\.json' failed: the disk is full"):
+    with pytest.raises(files.DiskFullError, match=r"results\.json' failed: the disk is full"):
         atomic_write_text(small_disk / "results.json", "x" * 3_000_000)
     assert not (small_disk / "results.json").exists()
 
@@ -356,9 +357,9 @@ def test_a_full_disk_mid_run_names_the_file_and_keeps_the_last_checkpoint(small_
 def test_disk_full_is_told_from_other_write_errors(tmp_path):
     import errno
 
-    assert rundir.disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
-    assert rundir.disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
-    assert not rundir.disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
+    assert files.disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert files.disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
+    assert not files.disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
     torch_says = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")
-    assert not rundir.disk_full(torch_says, tmp_path / "x.ckpt", need_bytes=1)  # room here
-    assert not rundir.disk_full(RuntimeError("CUDA error"), tmp_path)
+    assert not files.disk_full(torch_says, tmp_path / "x.ckpt", need_bytes=1)  # room here
+    assert not files.disk_full(RuntimeError("CUDA error"), tmp_path)

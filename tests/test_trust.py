@@ -75,7 +75,7 @@ def test_amalgam_extension_points_are_allowed(target):
         "builtins.eval",
         "subprocess.Popen",
         "amalgam.utils.os.system",  # an amalgam module's import of os: not amalgam's
-        "amalgam.reliability.atomic_write_text",  # amalgam's, but a file writer, not a target
+        "amalgam.files.atomic_write_text",  # amalgam's, but a file writer, not a target
         "amalgam.data.sources.load_image",  # a helper of the sources module, not a source
         "amalgam.utils.log",
         "amalgam.nope.Thing",

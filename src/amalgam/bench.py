@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from amalgam.build import build_amalgamation
+from amalgam.files import atomic_write_text
 from amalgam.launch import method_name
 from amalgam.losses import soft_cross_entropy
 from amalgam.module import AmalgamModule
@@ -247,7 +248,7 @@ def main(cfg: DictConfig) -> None:
         path = Path(cfg.bench.write)
         head = path.read_text() if path.is_file() else "# Performance\n\n"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(head.rstrip() + "\n\n" + markdown(r, command))
+        atomic_write_text(path, head.rstrip() + "\n\n" + markdown(r, command))
         print(f"appended to {path}")
 
 

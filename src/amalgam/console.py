@@ -20,6 +20,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from amalgam.files import atomic_write_text
+
 log = logging.getLogger("amalgam")
 CONFIG_TREE = "config_tree.log"
 # the config's groups first, in the order a reader looks for them; the other keys follow
@@ -79,7 +81,7 @@ def show_config(
         Console(file=buf, width=100, color_system=None, soft_wrap=True).print(tree)
         path = Path(out_dir) / CONFIG_TREE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(buf.getvalue())
+        atomic_write_text(path, buf.getvalue())
     if echo:
         Console(file=sys.stdout, soft_wrap=True).print(tree)
     return path

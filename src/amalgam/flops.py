@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from amalgam.backbone import Backbone, ModelOutput, create_timm
 from amalgam.build import build_method
 from amalgam.errors import ConfigError
+from amalgam.files import atomic_write_text
 from amalgam.provenance import cpu_name
 from amalgam.tasks import LabelSpace
 from amalgam.teachers.bank import TeacherOutputs
@@ -506,7 +507,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         command = "python -m amalgam.flops " + " ".join(sys.argv[1:])
         path = Path(str(cfg.flops.write))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(markdown(r, command))
+        atomic_write_text(path, markdown(r, command))
         print(f"wrote {path}")
     return r
 

@@ -1,8 +1,7 @@
 """Crash safety and numerical guards for training runs (docs/RELIABILITY.md).
 
-- Atomic writes (`atomic_open`, `atomic_path`, `atomic_write_text`, `AtomicCheckpointIO`): a
-  temporary file in the target's directory, fsync, `os.replace`, fsync of the directory. A reader
-  (or a resumed run) sees the old file or the new one, never a torn one, whatever kills the writer.
+- `AtomicCheckpointIO`: every checkpoint Lightning writes goes through `amalgam.files`' atomic
+  writer (temporary file, fsync, `os.replace`): old file or new, never a torn one.
 - `Preemption`: SIGTERM / SIGUSR1 / SIGUSR2 during training save `checkpoints/last.ckpt` at the next
   batch end and stop the run (`Preempted`); `ckpt_path=last` resumes it. Every checkpoint keeps
   the random states, and `ResumableLoader` the data position within the epoch, so the resumed run
@@ -21,15 +20,12 @@ import csv
 import itertools
 import os
 import random
-import re
 import signal
-import socket
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -44,8 +40,8 @@ from torch.utils.data import DataLoader
 
 from amalgam import rundir
 from amalgam.errors import ConfigError
+from amalgam.files import atomic_open, disk_full, disk_full_error
 from amalgam.utils import log
-from amalgam.utils import pid_alive as _pid_alive
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -56,133 +52,12 @@ __all__ = [
     "Preemption",
     "ResumableLoader",
     "all_finite",
-    "atomic_open",
-    "atomic_path",
-    "atomic_write_text",
 ]
 
 PathLike = str | os.PathLike
 
 
-# ------------------------------------------------------------------------------ atomic files
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once: os.umask can only be read by setting it
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-
-
-def _temp_prefix(path: Path) -> str:
-    """`.<name>.<host>.<pid>.`: names the writer, so a later save can spot a dead one's files."""
-    return f".{path.name}.{_HOST}.{os.getpid()}."
-
-
-def _new_temp(path: Path, keep_suffix: bool = False) -> tuple[int, Path]:
-    """A new temporary file next to `path`: `.<name>.<host>.<pid>.<random>.tmp` (+ the suffix
-    of `path` with keep_suffix, for writers that pick the format from it)."""
-    suffix = f".tmp{path.suffix}" if keep_suffix else ".tmp"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=suffix)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-    return fd, Path(tmp)
-
-
-def fsync_dir(directory: PathLike) -> None:
-    """Make a rename in `directory` durable (a no-op where the file system cannot)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove_stale_temps(path: PathLike) -> list[Path]:
-    """Delete the temporary files that writers of `path` on this host left when they were killed
-    (their process is gone); returns them. Files of live writers and other hosts are kept."""
-    path = Path(path)
-    pattern = re.compile(
-        rf"^\.{re.escape(path.name)}\.{re.escape(_HOST)}\.(\d+)\."
-        rf"[^.]+\.tmp({re.escape(path.suffix)})?$"
-    )
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            m = pattern.match(entry.name)
-            if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    remove_stale_temps(path)
-
-
-@contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file next to `path`; on success fsync it and rename it over `path`.
-
-    On an exception the temporary file is removed and `path` is left as it was.
-    """
-    if not mode.startswith("w"):
-        raise ValueError(f"atomic_open writes only ('w', 'wb'), got mode '{mode}'")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _new_temp(path)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if not isinstance(e, rundir.DiskFullError) and rundir.disk_full(e, path):
-            raise rundir.disk_full_error(path) from e
-        raise
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """A temporary path (same directory and suffix) for writers that want a file name, e.g.
-    `fig.savefig(tmp)`; on success it is fsynced and renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _new_temp(path, keep_suffix=True)
-    os.close(fd)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _commit(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
-    """Write `text` to `path` atomically (old or new content, never a torn file)."""
-    with atomic_open(path, "wb") as f:
-        f.write(text.encode(encoding))
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
+# ------------------------------------------------------------------------------ checkpoints
 
 
 def _local_path(path: PathLike) -> Path | None:
@@ -220,8 +95,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
         except RuntimeError as e:  # torch's zip writer on a full disk: "unexpected pos ..."
             need = rundir.tensor_bytes(checkpoint)
-            if rundir.disk_full(e, local, need):
-                raise rundir.disk_full_error(local, need) from e
+            if disk_full(e, local, need):
+                raise disk_full_error(local, need) from e
             raise
 
 

@@ -31,6 +31,7 @@ from rich.table import Table
 from amalgam.build import build_amalgamation
 from amalgam.errors import ConfigError
 from amalgam.evaluation import AmalgamAccuracy, task_confusion, task_owner
+from amalgam.files import atomic_write_text
 from amalgam.targets import TargetRule, pooled
 from amalgam.tasks import LabelSpace
 from amalgam.utils import CONF_DIR, quiet_known_warnings, to_dict
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = evaluate_rules(rest, rules, args.device)
     Console(width=max(Console().width, 132)).print(table(results))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))
     return results
 
 

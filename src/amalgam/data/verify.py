@@ -11,13 +11,15 @@ If the cache cannot be written the check simply runs again next time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from amalgam.files import atomic_write_text
 
 CACHE_VERSION = 1
 CHUNK = 64  # files per pool task: few futures even for a million files
@@ -90,18 +92,8 @@ def read_cache(path: Path) -> dict[str, Signature]:
 def write_cache(path: Path, files: dict[str, Signature]) -> None:
     """Replace the cache atomically; if it cannot be written, do without it."""
     payload = json.dumps({"version": CACHE_VERSION, "files": files}, separators=(",", ":"))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, payload)
 
 
 # ---------------------------------------------------------------- the check

@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from amalgam.reliability import atomic_open, atomic_path, atomic_write_text  # noqa: F401
+from amalgam.files import atomic_open, atomic_path, atomic_write_text  # noqa: F401
 
 
 def pct(x: float | None) -> str:

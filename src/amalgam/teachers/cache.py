@@ -33,9 +33,9 @@ import torch
 from filelock import FileLock, Timeout
 from rich.progress import Progress
 
-from amalgam.reliability import _HOST, _pid_alive
+from amalgam.files import HOST, atomic_write_text
 from amalgam.teachers.bank import TeacherBank, TeacherOutputs
-from amalgam.utils import log
+from amalgam.utils import log, pid_alive
 
 FORMAT = 2
 ARRAYS = "[lf]*.npy"  # logits.npy, feat<j>.npy (not the view table)
@@ -249,9 +249,7 @@ def write_manifest(d: Path, key: Mapping[str, Any], views: int = 1) -> None:
         }
         levels += p.name.startswith("feat")
     manifest = {"key": dict(key), "files": files, "levels": levels, "views": views}
-    tmp = d / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, d / "manifest.json")
+    atomic_write_text(d / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
 def lock_path(d: Path) -> Path:
@@ -262,7 +260,7 @@ def lock_path(d: Path) -> Path:
 
 def new_build_dir(d: Path) -> Path:
     """A fresh temporary directory name to build `d` in, naming this host and process."""
-    return d.with_name(f"{d.name}{BUILDING}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}")
+    return d.with_name(f"{d.name}{BUILDING}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}")
 
 
 def build_dirs(d: Path) -> list[tuple[Path, str, int]]:
@@ -283,7 +281,7 @@ def remove_stale_builds(d: Path) -> list[Path]:
     stale = [
         p
         for p, host, pid in build_dirs(d)
-        if host == _HOST and pid != os.getpid() and not _pid_alive(pid)
+        if host == HOST and pid != os.getpid() and not pid_alive(pid)
     ]
     legacy = d.with_name(d.name + BUILDING)
     stale += [legacy] if legacy.is_dir() else []

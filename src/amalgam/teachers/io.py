@@ -33,6 +33,7 @@ from amalgam.backbone import (
     timm_arch,
 )
 from amalgam.errors import ConfigError
+from amalgam.files import atomic_path, atomic_write_text
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 V = TypeVar("V")  # a state dict's values: tensors, or their shapes
@@ -348,12 +349,9 @@ def export_teacher(
     meta.sha256 = state_dict_hash(sd)
     if meta.mean is None or meta.std is None:
         meta.mean, meta.std = default_norm(model)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"amalgam": json.dumps(asdict(meta))})
-    os.replace(tmp, path)
-    mtmp = meta_path(path).with_name(f".{meta_path(path).name}.{os.getpid()}.tmp")
-    mtmp.write_text(json.dumps(asdict(meta), indent=2))
-    os.replace(mtmp, meta_path(path))
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"amalgam": json.dumps(asdict(meta))})
+    atomic_write_text(meta_path(path), json.dumps(asdict(meta), indent=2))
     return path
 
 
