@@ -87,8 +87,7 @@ class TeacherBank(nn.Module):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if not teachers:
-            raise ConfigError("the teacher set is empty: name at least one teacher in teacher_set")
+        check_teacher_set(teachers)
         self.teachers = nn.ModuleDict(dict(teachers))
         self.metas = dict(metas)
         self.paths = dict(paths)
@@ -238,13 +237,18 @@ def load_teacher_bank(
     return TeacherBank(teachers, metas, paths, dtype, channels_last)
 
 
-def teacher_tasks(teacher_set: Mapping[str, Any]) -> dict[str, list]:
-    """Each teacher's classes: its metadata file's names, else the config's names/indices."""
+def check_teacher_set(teacher_set: Mapping[str, Any]) -> None:
+    """The one refusal of an empty teacher set (config, Python API and bank alike)."""
     if not teacher_set:
         raise ConfigError(
             "teacher_set is empty: amalgamation needs at least one teacher; pick a set "
             "(e.g. teacher_set=fashion2) or add entries teacher_set.<name>.weights=..."
         )
+
+
+def teacher_tasks(teacher_set: Mapping[str, Any]) -> dict[str, list]:
+    """Each teacher's classes: its metadata file's names, else the config's names/indices."""
+    check_teacher_set(teacher_set)
     tasks = {}
     for name, t in teacher_set.items():
         weights = teacher_weights(name, t)
