@@ -65,11 +65,11 @@ def test_cub_classes_counts_and_official_split(tmp_path):
     test_ids = [i for i in ids if flags[i] == "0"]
     assert src.train.paths == [str(base / "images" / ids[i]) for i in train_ids]
     assert src.test.paths == [str(base / "images" / ids[i]) for i in test_ids]
-    assert src.train.targets.tolist() == [int(labels[i]) - 1 for i in train_ids]
-    assert src.test.targets.tolist() == [int(labels[i]) - 1 for i in test_ids]
+    assert src.train.labels.tolist() == [int(labels[i]) - 1 for i in train_ids]
+    assert src.test.labels.tolist() == [int(labels[i]) - 1 for i in test_ids]
     # the split file alternates train/test within a class: not a split by position
-    assert src.train.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert src.test.targets.tolist() == [0, 0, 1, 1, 2, 2]
+    assert src.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert src.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert [Path(p).name for p in src.test.paths[:2]] == [
         "Black_footed_Albatross_0002_100002.jpg",
         "Black_footed_Albatross_0004_100004.jpg",
@@ -97,9 +97,9 @@ def test_dogs_classes_are_the_sorted_image_dirs_and_lists_give_the_split(tmp_pat
         mat = scipy.io.loadmat(base / name)
         files = [str(f[0][0]) for f in mat["file_list"]]
         assert split.paths == [str(base / "Images" / f) for f in files]
-        assert split.targets.tolist() == [int(v) - 1 for v in mat["labels"][:, 0]]
+        assert split.labels.tolist() == [int(v) - 1 for v in mat["labels"][:, 0]]
         assert all(Path(p).is_file() for p in split.paths)
-    assert src.train.targets.tolist() == [0, 1, 2, 3] * 3  # interleaved, as the real lists
+    assert src.train.labels.tolist() == [0, 1, 2, 3] * 3  # interleaved, as the real lists
 
 
 def test_cars_match_torchvision_and_the_meta_names(tmp_path):
@@ -116,7 +116,7 @@ def test_cars_match_torchvision_and_the_meta_names(tmp_path):
         ref = tvd.StanfordCars(str(tmp_path), split=which)
         assert ref.classes == src.classes
         assert split.paths == [p for p, _ in ref._samples]
-        assert split.targets.tolist() == [t for _, t in ref._samples]
+        assert split.labels.tolist() == [t for _, t in ref._samples]
     # train and test both number their files from 00001.jpg: told apart by directory
     assert Path(src.train.paths[0]).name == Path(src.test.paths[0]).name == "00001.jpg"
     assert Path(src.train.paths[0]).parent.name == "cars_train"
@@ -135,7 +135,7 @@ def test_aircraft_variants_with_spaces_and_slashes_official_trainval_test(tmp_pa
         ref = tvd.FGVCAircraft(str(tmp_path), split=which, annotation_level="variant")
         assert ref.classes == src.classes
         assert split.paths == ref._image_files
-        assert split.targets.tolist() == ref._labels
+        assert split.labels.tolist() == ref._labels
     data = tmp_path / "fgvc-aircraft-2013b" / "data"
     trainval = (data / "images_variant_trainval.txt").read_text().splitlines()
     assert [Path(p).stem for p in src.train.paths] == [line.split(" ")[0] for line in trainval]
@@ -312,10 +312,10 @@ def test_combined_configs_join_the_sets_unprefixed(tmp_path):
             3 * len(parts), 6 * len(parts), 3 * len(parts)
         )  # fmt: skip
         per_part = {"cub200": [0, 0, 1, 1, 2, 2]}  # CUB's ids run class by class
-        assert src.train.targets.tolist() == [
+        assert src.train.labels.tolist() == [
             3 * k + t for k, p in enumerate(parts) for t in per_part.get(p, [0, 1, 2] * 2)
         ]
-        assert src.test.targets.tolist() == list(range(3 * len(parts)))
+        assert src.test.labels.tolist() == list(range(3 * len(parts)))
     # a teacher trained on data=cub200 alone names its classes as the combined set does
     alone = instantiate(make_cfg("data_check", ["data=cub200"], tmp_path).data.source)()
     both = instantiate(make_cfg("data_check", ["data=cub_dogs"], tmp_path).data.source)()
@@ -327,9 +327,9 @@ def test_combined_configs_join_the_sets_unprefixed(tmp_path):
     idx = both.classes.index("n02085620-Chihuahua")
     assert idx == 3
     assert both.train.paths[6:] == stanford_dogs(str(tmp_path / "data")).train.paths
-    assert (both.train.targets[6:] - 3).tolist() == stanford_dogs(
+    assert (both.train.labels[6:] - 3).tolist() == stanford_dogs(
         str(tmp_path / "data")
-    ).train.targets.tolist()
+    ).train.labels.tolist()
 
 
 def test_every_single_set_config_builds_with_the_image_folder_defaults(tmp_path):

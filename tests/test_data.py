@@ -59,12 +59,12 @@ def test_task_loader_keeps_only_task_classes_remapped(src: Source, split: str) -
     loader = dm.task_dataloader("a", split)
     ds = loader.dataset
     source_split = src.test if split == "test" else src.train
-    src_targets = source_split.targets[ds.indices]
+    src_targets = source_split.labels[ds.indices]
     expected = {3: 0, 7: 1, 1: 2}
     assert set(src_targets.tolist()) == set(expected)
     assert ds.labels.tolist() == [expected[t] for t in src_targets.tolist()]
     pool = dm.indices(split)
-    assert len(ds) == int(torch.isin(source_split.targets[pool], torch.tensor([3, 7, 1])).sum())
+    assert len(ds) == int(torch.isin(source_split.labels[pool], torch.tensor([3, 7, 1])).sum())
     x, y = collect(loader)
     assert x.shape == (len(ds), 3, 16, 16)
     assert sorted(y.tolist()) == sorted(ds.labels.tolist())
@@ -88,7 +88,7 @@ def test_unlabeled_loader_has_images_and_ids_only(src: Source) -> None:
         ids += idx.tolist()
     assert sorted(ids) == dm.indices("train").tolist()
     union_source_labels = {0, 1, 3, 5, 7}
-    assert set(src.train.targets[ids].tolist()) == union_source_labels
+    assert set(src.train.labels[ids].tolist()) == union_source_labels
     ds = loader.dataset
     assert isinstance(ds, UnlabeledImages)
     for name in ("targets", "labels", "target", "y"):
@@ -101,7 +101,7 @@ def test_unlabeled_all_uses_every_training_image(src: Source) -> None:
     union = make_dm(src, unlabeled="union")
     every = make_dm(src, unlabeled="all")
     assert len(every.indices("train")) == 400 - 40
-    assert set(src.train.targets[every.indices("train")].tolist()) == set(range(10))
+    assert set(src.train.labels[every.indices("train")].tolist()) == set(range(10))
     assert len(union.indices("train")) == union.sizes()["labeled_train"] == 5 * 36
     assert every.sizes()["labeled_train"] == 5 * 36
     x, y = collect(every.labeled_train_dataloader())
@@ -119,7 +119,7 @@ def test_union_labels_in_val_test_and_labeled_train(src: Source) -> None:
         ("labeled_train", dm.labeled_train_dataloader(), src.train),
     ]:
         ds = loader.dataset
-        assert ds.labels.tolist() == [union[t] for t in split.targets[ds.indices].tolist()], name
+        assert ds.labels.tolist() == [union[t] for t in split.labels[ds.indices].tolist()], name
         _, y = collect(loader)
         assert sorted(y.tolist()) == sorted(ds.labels.tolist())
     assert len(dm.test_dataloader().dataset) == 30
@@ -137,9 +137,9 @@ def test_split_reproducible_disjoint_and_stratified(src: Source) -> None:
     assert not torch.equal(a.indices("val"), c.indices("val"))
     train, val = set(all_a.indices("train").tolist()), set(all_a.indices("val").tolist())
     assert not train & val and len(train | val) == len(src.train)
-    counts = torch.bincount(src.train.targets[all_a.indices("val")], minlength=10)
+    counts = torch.bincount(src.train.labels[all_a.indices("val")], minlength=10)
     assert counts.tolist() == [4] * 10
-    in_union = torch.isin(src.train.targets[all_a.indices("val")], torch.tensor([0, 1, 3, 5, 7]))
+    in_union = torch.isin(src.train.labels[all_a.indices("val")], torch.tensor([0, 1, 3, 5, 7]))
     assert torch.equal(a.indices("val"), all_a.indices("val")[in_union])
 
 
@@ -156,7 +156,7 @@ def test_limits(src: Source) -> None:
     dm = make_dm(src, train_limit=50, test_limit=7, val_fraction=0.2)
     assert dm.sizes()["train"] == 50 and dm.sizes()["test"] == 7
     assert dm.sizes()["val"] == 13
-    assert set(src.test.targets[dm.indices("test")].tolist()) <= {0, 1, 3, 5, 7}
+    assert set(src.test.labels[dm.indices("test")].tolist()) <= {0, 1, 3, 5, 7}
     with pytest.raises(ConfigError, match="no training images"):
         make_dm(src, train_limit=1)
 
@@ -340,10 +340,10 @@ def test_fashion_mnist_reads_gzipped_idx(tmp_path: Path, monkeypatch) -> None:
     assert source.classes[0] == "T-shirt/top" and source.classes[9] == "Ankle boot"
     assert source.train.images.shape == (12, 1, 28, 28) and source.train.images.dtype == torch.uint8
     assert np.array_equal(source.train.images[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
-    assert source.train.targets.dtype == torch.int64
-    assert source.train.targets.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert source.train.labels.dtype == torch.int64
+    assert source.train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
     assert np.array_equal(source.test.images[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
-    assert source.test.targets.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    assert source.test.labels.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     again = fashion_mnist(root=str(tmp_path), download=False)
     assert again.train.images.data_ptr() == source.train.images.data_ptr()
 
@@ -401,7 +401,7 @@ def test_real_fashion_mnist_if_installed() -> None:
     source = fashion_mnist(root=None, download=False)
     assert source.train.images.shape == (60000, 1, 28, 28)
     assert len(source.test) == 10000
-    assert torch.bincount(source.train.targets).tolist() == [6000] * 10
+    assert torch.bincount(source.train.labels).tolist() == [6000] * 10
 
 
 # ---------------------------------------------------------------- other sources
@@ -427,7 +427,7 @@ def test_image_folder_lazy_tree(tmp_path: Path) -> None:
     source = image_folder(str(tmp_path / "train"), str(tmp_path / "test"))
     assert source.classes == ["cat", "dog"]
     assert source.train.images is None and len(source.train.paths) == 5
-    assert source.train.targets.tolist() == [0, 0, 1, 1, 1]
+    assert source.train.labels.tolist() == [0, 0, 1, 1, 1]
     img = source.train.image(0)
     assert img.shape == (3, 4, 6) and img.dtype == torch.uint8
     assert img[:, 0, 0].tolist() == [255, 0, 0]
@@ -469,10 +469,10 @@ def test_digits_source() -> None:
     assert source.train.images.shape[1:] == (1, 8, 8) and source.train.images.dtype == torch.uint8
     assert int(source.train.images.max()) == 255 and int(source.train.images.min()) == 0
     for split in (source.train, source.test):
-        counts = torch.bincount(split.targets, minlength=10).float()
+        counts = torch.bincount(split.labels, minlength=10).float()
         assert counts.min() > 0.8 * counts.mean()
     same, other = digits(), digits(seed=1)
-    assert torch.equal(same.test.targets, source.test.targets)
+    assert torch.equal(same.test.labels, source.test.labels)
     assert torch.equal(same.test.images, source.test.images)
     assert not torch.equal(other.test.images, source.test.images)
 
@@ -490,9 +490,9 @@ def test_synthetic_source_is_learnable() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(30):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), source.train.targets).backward()
+        torch.nn.functional.cross_entropy(model(x), source.train.labels).backward()
         opt.step()
-    acc = (model(xt).argmax(1) == source.test.targets).float().mean().item()
+    acc = (model(xt).argmax(1) == source.test.labels).float().mean().item()
     assert acc > 0.9
 
 
@@ -504,7 +504,7 @@ def test_concat_prefixes_classes_and_unifies_images() -> None:
     assert both.name == "grey+rgb"
     assert both.classes == ["grey/c0", "grey/c1", "rgb/c0", "rgb/c1", "rgb/c2"]
     assert both.train.images.shape == (12, 3, 12, 12) and both.test.images.shape == (5, 3, 12, 12)
-    assert both.train.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert both.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4]
     assert torch.equal(both.train.images[6:], colour.train.images)
     first = both.train.images[0]
     assert torch.equal(first[0], first[1])
@@ -593,7 +593,7 @@ def test_builtin_configs_load_real_data(name: str, tmp_path: Path) -> None:
     assert dm.classes[:3] == tuple(dm.source.classes[:3])
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image", "index"} and batch["image"].shape[1:] == (3, 16, 16)
-    assert set(dm.source.train.targets[batch["index"]].tolist()) <= {0, 1, 2, 7, 8}
+    assert set(dm.source.train.labels[batch["index"]].tolist()) <= {0, 1, 2, 7, 8}
 
 
 def test_epoch_shuffle_depends_only_on_seed_and_epoch() -> None:

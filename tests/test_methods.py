@@ -114,7 +114,7 @@ def test_block_brings_heterogeneous_maps_to_one_size():
     # one extractor pass over all networks' rows equals one pass per network
     fs, fts = torch.rand(3, 8, 4, 4), [torch.rand(3, 6, 2, 2), torch.rand(3, 5, 7, 7)]
     hs, hts, _, tg = blk(fs, fts)
-    torch.testing.assert_close(hs, blk.extractor(blk.align_s(blk.fit(fs))))
+    torch.testing.assert_close(hs, blk.extractor(blk.align_s(blk.to_common_size(fs))))
     for h, a, t in zip(hts, blk.align_t, tg, strict=True):
         torch.testing.assert_close(h, blk.extractor(a(t)))
     blk3 = CommonFeatureBlock(

@@ -7,7 +7,7 @@
 | `stanford_cars` | stanford_cars/         | 196     | 8,144  | 8,041 | torchvision's layout       |
 | `fgvc_aircraft` | fgvc-aircraft-2013b/   | 100     | 6,667  | 3,333 | fgvc-aircraft-2013b.tar.gz |
 
-Each returns a lazy `Source` (file paths and int64 targets, no pixels in memory) with the
+Each returns a lazy `Source` (file paths and int64 labels, no pixels in memory) with the
 official class names, which do not clash across the four sets: combine them with
 `amalgam.data.sources.concat(..., prefix=False)` so a teacher trained on one set alone names
 its classes exactly as the combined set does.
@@ -283,8 +283,8 @@ class _Context:
         )
 
 
-def _split(classes: list[str], paths: list[str], targets: list[int]) -> Split:
-    return Split(list(classes), torch.tensor(targets, dtype=torch.long), None, paths)
+def _split(classes: list[str], paths: list[str], labels: list[int]) -> Split:
+    return Split(list(classes), torch.tensor(labels, dtype=torch.long), None, paths)
 
 
 def _read_pairs(ctx: _Context, rel: str) -> list[tuple[str, str]]:
@@ -327,7 +327,7 @@ def _parse_cub(ctx: _Context) -> tuple[Split, Split]:
     images = files["images.txt"]
     tables = {k: dict(files[k]) for k in ("image_class_labels.txt", "train_test_split.txt")}
     paths: dict[str, list[str]] = {"train": [], "test": []}
-    targets: dict[str, list[int]] = {"train": [], "test": []}
+    labels: dict[str, list[int]] = {"train": [], "test": []}
     for image_id, rel in images:
         for k, table in tables.items():
             if image_id not in table:
@@ -343,11 +343,11 @@ def _parse_cub(ctx: _Context) -> tuple[Split, Split]:
             raise ctx.fail(f"train_test_split.txt gives image id {image_id} {flag!r}, not 1 or 0")
         which = "train" if flag == "1" else "test"
         paths[which].append(str(ctx.base / "images" / rel))
-        targets[which].append(label - 1)
+        labels[which].append(label - 1)
     ctx.require_images(paths["train"] + paths["test"], "images.txt")
     return (
-        _split(classes, paths["train"], targets["train"]),
-        _split(classes, paths["test"], targets["test"]),
+        _split(classes, paths["train"], labels["train"]),
+        _split(classes, paths["test"], labels["test"]),
     )
 
 
@@ -385,7 +385,7 @@ def _parse_dogs(ctx: _Context) -> tuple[Split, Split]:
             raise ctx.fail(f"{ctx.base / rel} lists {len(files)} files but {len(labels)} labels")
         paths = [str(images / f) for f in files]
         ctx.require_images(paths, rel)
-        targets = []
+        labels = []
         for f, label in zip(files, labels):
             cls = f.split("/", 1)[0]
             if position.get(cls, -1) + 1 != label:
@@ -397,8 +397,8 @@ def _parse_dogs(ctx: _Context) -> tuple[Split, Split]:
                     f"({ctx.archive.origin}); remove other directories from {images}",
                 )
             used.add(cls)
-            targets.append(label - 1)
-        splits.append(_split(classes, paths, targets))
+            labels.append(label - 1)
+        splits.append(_split(classes, paths, labels))
     unused = [c for c in classes if c not in used]
     if unused:
         raise ctx.fail(
@@ -429,7 +429,7 @@ def _parse_cars(ctx: _Context) -> tuple[Split, Split]:
                 "(devkit/cars_test_annos.mat has no labels: the test split needs "
                 "cars_test_annos_withlabels.mat)"
             )
-        paths, targets = [], []
+        paths, labels = [], []
         for ann in annotations:
             label = _int(ctx, rel, ann["class"])
             if not 1 <= label <= len(classes):
@@ -438,9 +438,9 @@ def _parse_cars(ctx: _Context) -> tuple[Split, Split]:
                     f"has {len(classes)} classes"
                 )
             paths.append(str(ctx.base / images / str(ann["fname"])))
-            targets.append(label - 1)
+            labels.append(label - 1)
         ctx.require_images(paths, rel)
-        splits.append(_split(classes, paths, targets))
+        splits.append(_split(classes, paths, labels))
     return splits[0], splits[1]
 
 
@@ -459,7 +459,7 @@ def _parse_aircraft(ctx: _Context) -> tuple[Split, Split]:
     splits = []
     for part in ("trainval", "test"):
         rel = f"data/images_variant_{part}.txt"
-        paths, targets = [], []
+        paths, labels = [], []
         for image_id, variant in _read_pairs(ctx, rel):
             if variant not in position:
                 raise ctx.fail(
@@ -467,9 +467,9 @@ def _parse_aircraft(ctx: _Context) -> tuple[Split, Split]:
                     "which data/variants.txt does not list"
                 )
             paths.append(str(ctx.base / "data" / "images" / f"{image_id}.jpg"))
-            targets.append(position[variant])
+            labels.append(position[variant])
         ctx.require_images(paths, rel)
-        splits.append(_split(classes, paths, targets))
+        splits.append(_split(classes, paths, labels))
     return splits[0], splits[1]
 
 

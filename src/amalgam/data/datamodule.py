@@ -307,12 +307,12 @@ class LabeledImages(UnlabeledImages):
 
 
 def stratified_split(
-    targets: torch.Tensor, val_fraction: float, generator: torch.Generator
+    labels: torch.Tensor, val_fraction: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted (train, val) indices; each class sends round(val_fraction * n_class) to val."""
     train, val = [], []
-    for c in torch.unique(targets).tolist():
-        idx = torch.nonzero(targets == c).flatten()
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=generator)]
         n_val = round(val_fraction * len(idx))
         val.append(idx[:n_val])
@@ -461,14 +461,14 @@ class AmalgamDataModule(L.LightningDataModule):
         for i, c in enumerate(space.classes):
             union_of[classes.index(c)] = i
         g = torch.Generator().manual_seed(self.seed)
-        train, val = stratified_split(source.train.targets, self.val_fraction, g)
-        in_union = union_of[source.train.targets] >= 0
+        train, val = stratified_split(source.train.labels, self.val_fraction, g)
+        in_union = union_of[source.train.labels] >= 0
         # what a pool may hold, whatever the seed: the union's images, or every image
         poolable = in_union if self.unlabeled == "union" else torch.ones_like(in_union)
         train = train[poolable[train]]
         val = val[in_union[val]]
         test = torch.arange(len(source.test))
-        test = test[union_of[source.test.targets[test]] >= 0]
+        test = test[union_of[source.test.labels[test]] >= 0]
         if self.train_limit is not None:
             train = _subset(train, self.train_limit, g)
             ratio = self.val_fraction / (1 - self.val_fraction)
@@ -482,7 +482,7 @@ class AmalgamDataModule(L.LightningDataModule):
     def _check_train_counts(
         self, source: Source, space: LabelSpace, classes: list[str], train: torch.Tensor
     ) -> None:
-        counts = torch.bincount(source.train.targets[train], minlength=len(classes))
+        counts = torch.bincount(source.train.labels[train], minlength=len(classes))
         for task in space.tasks:
             empty = [c for c in task.classes if counts[classes.index(c)] == 0]
             if empty:
@@ -529,7 +529,7 @@ class AmalgamDataModule(L.LightningDataModule):
 
     def union_labels(self, split: SplitName, indices: torch.Tensor) -> torch.Tensor:
         """Union label of each image id of `split` (-1 for images outside the union)."""
-        return self._union_of[self._split(split).targets[indices]]
+        return self._union_of[self._split(split).labels[indices]]
 
     def sizes(self) -> dict[str, int]:
         train = self.indices("train")
@@ -596,7 +596,7 @@ class AmalgamDataModule(L.LightningDataModule):
     def _labeled(self, split: SplitName, labels_of: torch.Tensor) -> LabeledImages:
         """Images of `split` whose source class c has labels_of[c] >= 0, labeled labels_of[c]."""
         idx = self.indices(split)
-        labels = labels_of[self._split(split).targets[idx]]
+        labels = labels_of[self._split(split).labels[idx]]
         keep = labels >= 0
         fmt = self._format(split == "train")
         return LabeledImages(self._split(split), idx[keep], labels[keep], fmt)

@@ -38,10 +38,10 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 @dataclass
 class Split:
-    """One split: class names, int64 targets and either in-memory uint8 images or file paths."""
+    """One split: class names, int64 labels and either in-memory uint8 images or file paths."""
 
     classes: list[str]
-    targets: torch.Tensor
+    labels: torch.Tensor
     images: torch.Tensor | None = None
     paths: list[str] | None = None
 
@@ -49,13 +49,13 @@ class Split:
         if (self.images is None) == (self.paths is None):
             raise ConfigError("a Split needs exactly one of `images` (in memory) or `paths`")
         n = len(self.images) if self.images is not None else len(self.paths or [])
-        if len(self.targets) != n:
-            raise ConfigError(f"a Split has {n} images but {len(self.targets)} targets")
+        if len(self.labels) != n:
+            raise ConfigError(f"a Split has {n} images but {len(self.labels)} labels")
         if self.images is not None and (self.images.dtype != torch.uint8 or self.images.ndim != 4):
             raise ConfigError("Split.images must be a uint8 tensor [N, C, H, W]")
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.labels)
 
     def image(self, i: int) -> torch.Tensor:
         """uint8 [C, H, W]; read from disk when the split is lazy."""
@@ -288,7 +288,7 @@ def _folder_split(directory: str, which: str) -> Split:
     if not classes:
         raise ConfigError(f"image_folder: {which}_dir '{directory}' has no class sub-directories")
     paths: list[str] = []
-    targets: list[int] = []
+    labels: list[int] = []
     for label, cls in enumerate(classes):
         files = image_files(d / cls)
         if not files:
@@ -297,8 +297,8 @@ def _folder_split(directory: str, which: str) -> Split:
                 f"({', '.join(IMAGE_EXTENSIONS)})"
             )
         paths += files
-        targets += [label] * len(files)
-    return Split(classes, torch.tensor(targets, dtype=torch.long), None, paths)
+        labels += [label] * len(files)
+    return Split(classes, torch.tensor(labels, dtype=torch.long), None, paths)
 
 
 def list_bad_files(bad: Sequence[tuple[str, str]]) -> str:
@@ -434,12 +434,12 @@ def _concat_splits(
 ) -> Split:
     classes = [f"{n}/{c}" if prefix else c for n, s in zip(names, splits) for c in s.classes]
     offsets = np.cumsum([0] + [len(s.classes) for s in splits[:-1]]).tolist()
-    targets = torch.cat([s.targets + o for s, o in zip(splits, offsets)])
+    labels = torch.cat([s.labels + o for s, o in zip(splits, offsets)])
     if shape is None:
-        return Split(classes, targets, None, [p for s in splits for p in s.paths or []])
+        return Split(classes, labels, None, [p for s in splits for p in s.paths or []])
     channels, hw = shape[0], (shape[1], shape[2])
     blocks = [_resize_uint8(b, channels, hw) for s in splits for b in _pixels(s)]
-    return Split(classes, targets, torch.cat(blocks), None)
+    return Split(classes, labels, torch.cat(blocks), None)
 
 
 def _common_shape(splits: list[Split]) -> tuple[int, int, int]:

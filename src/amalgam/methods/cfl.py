@@ -153,14 +153,15 @@ class CommonFeatureBlock(nn.Module):
             else None
         )
 
-    def fit(self, f: torch.Tensor) -> torch.Tensor:
+    def to_common_size(self, f: torch.Tensor) -> torch.Tensor:
+        """A map pooled or interpolated to the block's common spatial size."""
         return resize(f, self.size, self.resize_rule)
 
     def forward(self, fs: torch.Tensor, fts: Sequence[torch.Tensor]):
         """Common features of the student, of each teacher, and each teacher's reconstruction."""
-        aligned = [self.align_s(self.fit(fs))]
-        targets = [self.fit(f) for f in fts]
-        aligned += [a(f) for a, f in zip(self.align_t, targets, strict=True)]
+        aligned = [self.align_s(self.to_common_size(fs))]
+        sized = [self.to_common_size(f) for f in fts]  # what each reconstruction aims at
+        aligned += [a(f) for a, f in zip(self.align_t, sized, strict=True)]
         if self.batchnorm:  # batch statistics per network, as in the reference
             hs, *hts = [self.extractor(a) for a in aligned]
         else:  # the shared extractor is per-sample: one pass over all networks' rows
@@ -168,7 +169,7 @@ class CommonFeatureBlock(nn.Module):
         recs = (
             [d(h) for d, h in zip(self.dec_t, hts, strict=True)] if self.dec_t is not None else []
         )
-        return hs, hts, recs, targets
+        return hs, hts, recs, sized
 
 
 class CFL(Method):
@@ -236,14 +237,14 @@ class CFL(Method):
         rec_sum = student.logits.new_zeros((), dtype=torch.float32)
         for lvl, block in enumerate(self.blocks):
             fts = [f[lvl] for f in teachers.features]
-            hs, hts, recs, targets = block(student.features[lvl], fts)
+            hs, hts, recs, sized = block(student.features[lvl], fts)
             tw = self.teacher_weights
             if self.active("mmd"):
                 pairs = [(w_i, ht) for w_i, ht in zip(tw, hts, strict=True) if w_i]
                 dists = mmd_to_each(hs, [ht for _, ht in pairs], self.sigmas)
                 for (w_i, _), d in zip(pairs, dists, strict=True):
                     mmd_sum = mmd_sum + w_i * d
-            for w_i, rec, tgt in zip(tw, recs, targets, strict=False):
+            for w_i, rec, tgt in zip(tw, recs, sized, strict=False):
                 if w_i:
                     rec_sum = rec_sum + w_i * reconstruction_loss(rec, tgt)
         if self.active("mmd"):

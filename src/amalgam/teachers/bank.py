@@ -165,7 +165,7 @@ def align_stages(
         t.feature_indices = idx
 
 
-def teacher_weights(name: str, cfg: Mapping[str, Any]) -> str:
+def teacher_file(name: str, cfg: Mapping[str, Any]) -> str:
     """The teacher's weights path from its config entry; refuses a missing one with the fix."""
     weights = cfg.get("weights")
     if not weights or not Path(weights).is_file():
@@ -216,7 +216,7 @@ def load_teacher_bank(
             teachers[name], metas[name], paths[name] = teacher, meta, str(path or "")
             continue
         cfg = dict(cfg)
-        weights = teacher_weights(name, cfg)
+        weights = teacher_file(name, cfg)
         meta = resolve_meta(
             name,
             weights,
@@ -251,7 +251,7 @@ def teacher_tasks(teacher_set: Mapping[str, Any]) -> dict[str, list]:
     check_teacher_set(teacher_set)
     tasks = {}
     for name, t in teacher_set.items():
-        weights = teacher_weights(name, t)
+        weights = teacher_file(name, t)
         meta = read_meta(weights) or {}
         arch = t.get("arch") or meta.get("arch")
         if not arch:
