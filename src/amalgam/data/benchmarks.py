@@ -380,13 +380,13 @@ def _parse_dogs(ctx: _Context) -> tuple[Split, Split]:
     for rel in ("train_list.mat", "test_list.mat"):
         mat = _loadmat(ctx, rel, ("file_list", "labels"))
         files = [str(f) for f in np.atleast_1d(mat["file_list"]).tolist()]
-        labels = [_int(ctx, rel, v) for v in np.atleast_1d(mat["labels"]).tolist()]
-        if len(files) != len(labels):
-            raise ctx.fail(f"{ctx.base / rel} lists {len(files)} files but {len(labels)} labels")
+        listed = [_int(ctx, rel, v) for v in np.atleast_1d(mat["labels"]).tolist()]
+        if len(files) != len(listed):
+            raise ctx.fail(f"{ctx.base / rel} lists {len(files)} files but {len(listed)} labels")
         paths = [str(images / f) for f in files]
         ctx.require_images(paths, rel)
         labels = []
-        for f, label in zip(files, labels):
+        for f, label in zip(files, listed):
             cls = f.split("/", 1)[0]
             if position.get(cls, -1) + 1 != label:
                 raise ctx.fail(
