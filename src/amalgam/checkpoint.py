@@ -11,7 +11,6 @@ with `trust_targets` given also checks the stored config against the allow-list
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -104,8 +103,7 @@ def write_record(checkpoint: dict[str, Any], record: RunRecord) -> None:
     checkpoint[KEY] = record.as_dict()
 
 
-@functools.lru_cache(maxsize=2)
-def _read(path: str, mtime_ns: int, size: int, key: str, fix: str) -> StudentCheckpoint:
+def _read(path: str, key: str, fix: str) -> StudentCheckpoint:
     ckpt = torch_load_safely(path, key, fix)
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get(KEY), Mapping):
         raise ConfigError(
@@ -129,8 +127,8 @@ def read_checkpoint(
     trust_targets: Iterable[str] | None = None,
     key: str = "checkpoint",
 ) -> StudentCheckpoint:
-    """A student checkpoint of amalgam.amalgamate, loaded with weights_only=True and read once
-    per file version (path, mtime, size), however many parts of a launch ask.
+    """A student checkpoint of amalgam.amalgamate, loaded with weights_only=True. Nothing is
+    kept: a training run never holds a second copy of a checkpoint's tensors.
 
     The record is untrusted data. With `trust_targets` given (a reader that will instantiate the
     stored config), every `_target_` in it must be on amalgam's allow-list (`amalgam.trust`) or
@@ -139,8 +137,7 @@ def read_checkpoint(
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{key} '{p}' not found: give {RUN_CKPT}")
-    st = os.stat(p)
-    ckpt = _read(str(p), st.st_mtime_ns, st.st_size, key, f"Give {RUN_CKPT}.")
+    ckpt = _read(str(p), key, f"Give {RUN_CKPT}.")
     if trust_targets is not None:
         check_untrusted_config(ckpt.record.as_dict(), f"{key} '{p}'", trust_targets, KEY)
     return ckpt

@@ -180,11 +180,17 @@ class ResumeState(NamedTuple):
     rule_fitted: bool  # holds a fitted target rule's statistics (then the resume skips the fit)
 
 
-def resume_state(ckpt: Path) -> ResumeState:
-    """What the loggers (step, wandb id) and the build (whether to fit the rule) need from the
-    checkpoint; `read_checkpoint` reads the file once per version, however many ask."""
-    c = read_checkpoint(ckpt, key="ckpt_path")
+@functools.lru_cache(maxsize=4)
+def _resume_state(path: str, mtime_ns: int, size: int) -> ResumeState:
+    c = read_checkpoint(path, key="ckpt_path")
     return ResumeState(step=c.global_step, wandb_id=c.record.wandb_id, rule_fitted=c.rule_fitted())
+
+
+def resume_state(ckpt: Path) -> ResumeState:
+    """Read once per file version (keyed by path, mtime and size), however many parts of the
+    launch ask: the loggers (step, wandb id) and the build (whether to fit the rule)."""
+    st = os.stat(ckpt)
+    return _resume_state(str(ckpt), st.st_mtime_ns, st.st_size)
 
 
 def wandb_id_of(ckpt: Path | None) -> str | None:
