@@ -346,14 +346,14 @@ def test_api_verbose_false_is_quiet(tmp_path, capsys):
 def test_api_student_follows_the_methods_stages(tiny_teachers, tmp_path):
     """method='cfl_spatial' from Python puts the student (and the teachers, by stride) on the
     method's stage, as `method=cfl_spatial` does on the command line."""
-    from amalgam.api import _feature_indices, preset
+    from amalgam.build import feature_indices, preset
 
     assert "feature_indices" not in preset("student", "resnet10t")
     assert preset("student", "resnet10t", feature_indices=[-2])["feature_indices"] == [-2]
-    assert _feature_indices({"arch": "resnet10t"}, "cfl_spatial") == [-3]
-    assert _feature_indices({"arch": "resnet10t"}, "hint") == [-3, -2, -1]
-    assert _feature_indices({"arch": "resnet10t", "feature_indices": [-2]}, "hint") == [-2]
-    assert _feature_indices("resnet10t", "kd") == [-1]
+    assert feature_indices({"arch": "resnet10t"}, "cfl_spatial") == [-3]
+    assert feature_indices({"arch": "resnet10t"}, "hint") == [-3, -2, -1]
+    assert feature_indices({"arch": "resnet10t", "feature_indices": [-2]}, "hint") == [-2]
+    assert feature_indices("resnet10t", "kd") == [-1]
     teachers = {n: tiny_teachers / "teachers" / f"{n}.safetensors" for n in ("tiny_a", "tiny_b")}
     am = amalgam.Amalgamation(
         teachers=teachers,
@@ -370,3 +370,51 @@ def test_api_student_follows_the_methods_stages(tiny_teachers, tmp_path):
     assert all(t.feature_indices == [-3] for t in module.teachers.teachers.values())
     (block,) = module.method.blocks
     assert block.size == (2, 2)  # 16 px data: 32 px student input / 8 = 4; teachers 16 / 8 = 2
+
+
+@pytest.mark.parametrize(
+    "part, bad, match",
+    [
+        ("method", {"weights": {"kd": -1.0}}, r"method.weights.kd=-1.0: a loss weight must be"),
+        ("method", {"weights": {"nope": 1.0}}, r"unknown config key 'method.weights.nope'"),
+        ("method", {"temperature": 0.0}, r"method.temperature=0.0: the softmax temperature"),
+        ("optim", {"lr": -1.0}, r"optim.lr=-1.0: must be a finite number > 0"),
+        ("student", {"colour": 1}, r"unknown config key 'student.colour'"),
+        ("student", {"arch": "no_such_net"}, r"student.arch"),
+        ("seed", "zero", r"seed='zero' is not an integer"),
+    ],
+)
+def test_api_objects_get_the_config_checks(tiny_teachers, tmp_path, part, bad, match):
+    """A part given from Python as config is refused with the same one-line error as on the
+    command line, before any image is read (the data source is never called)."""
+    calls = []
+
+    def source(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the data was read before the config checks")
+
+    parts = {
+        "method": amalgam.preset("method", "kd"),
+        "optim": amalgam.preset("optim", "amalgam_adam"),
+        "student": {"arch": "test_convnext", "input_size": 32},
+        "seed": 0,
+    }
+    parts[part] = bad if part == "seed" else {**parts[part], **bad}
+    teachers = {n: tiny_teachers / "teachers" / f"{n}.safetensors" for n in ("tiny_a", "tiny_b")}
+    with pytest.raises(amalgam.ConfigError, match=match):
+        amalgam.Amalgamation(
+            teachers=teachers, data=source, output_dir=tmp_path / "run", loggers=[], **parts
+        )
+    assert calls == []
+    # the command line refuses the same value with the same words
+    if part in ("method", "optim", "student"):
+        key, value = _flat(part, bad)
+        cfg = amalgam.compose([*FAST, f"++{key}={value}"], root=tiny_teachers, output_dir=tmp_path)
+        with pytest.raises(amalgam.ConfigError, match=match):
+            amalgam.Amalgamation.from_config(cfg)
+
+
+def _flat(prefix, d):
+    """('method.weights.kd', -1.0) from ('method', {'weights': {'kd': -1.0}})."""
+    ((k, v),) = d.items()
+    return _flat(f"{prefix}.{k}", v) if isinstance(v, dict) else (f"{prefix}.{k}", v)

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from amalgam.reliability import NanGuard, NonFiniteError
+from amalgam.nan_guard import NanGuard, NonFiniteError
 from conftest import make_cfg
 from test_reliability import NAN_RUN
 

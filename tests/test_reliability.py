@@ -26,19 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from amalgam import files, report
+from amalgam.checkpoint_io import AtomicCheckpointIO
 from amalgam.data.datamodule import EpochShuffle
+from amalgam.data.loaders import ResumableLoader, WorkerInit
 from amalgam.errors import ConfigError
 from amalgam.files import atomic_open, remove_stale_temps
-from amalgam.reliability import (
-    AtomicCheckpointIO,
-    NanGuard,
-    NonFiniteError,
-    Preempted,
-    Preemption,
-    ResumableLoader,
-    WorkerInit,
-    all_finite,
-)
+from amalgam.nan_guard import NanGuard, NonFiniteError, all_finite
+from amalgam.preemption import Preempted, Preemption
 from conftest import make_cfg
 from signals import SignalAtStep
 
@@ -210,7 +204,7 @@ def test_trainer_configs_write_checkpoints_through_the_atomic_io(tmp_path):
     for name in ("default", "cpu", "ddp_cpu", "gpu", "ddp", "slurm"):
         cfg = make_cfg("amalgamate", [f"trainer={name}"], tmp_path)
         targets = [p._target_ for p in cfg.trainer.plugins]
-        assert "amalgam.reliability.AtomicCheckpointIO" in targets, name
+        assert "amalgam.checkpoint_io.AtomicCheckpointIO" in targets, name
     assert "lightning.pytorch.plugins.environments.SLURMEnvironment" in targets  # slurm kept it
     for name in ("cpu", "ddp_cpu"):  # instantiated the CLI's way (no GPU here for the others)
         cfg = make_cfg("amalgamate", [f"trainer={name}"], tmp_path)
@@ -621,7 +615,7 @@ def test_worker_init_takes_preemption_signals_only_from_the_parent(tmp_path):
     SIGTERM from its parent (the DataLoader's shutdown), as torch's own worker handler does."""
     script = (
         "import os, signal, sys, time\n"
-        "from amalgam.reliability import WorkerInit\n"
+        "from amalgam.data.loaders import WorkerInit\n"
         "def child():\n"
         "    WorkerInit()(0)\n"
         "    open(sys.argv[1], 'w').close()\n"

@@ -336,8 +336,8 @@ def small_disk(tmp_path):
 def test_a_full_disk_mid_run_names_the_file_and_keeps_the_last_checkpoint(small_disk):
     import torch
 
+    from amalgam.checkpoint_io import AtomicCheckpointIO
     from amalgam.files import atomic_write_text
-    from amalgam.reliability import AtomicCheckpointIO
 
     io, last = AtomicCheckpointIO(), small_disk / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"w": torch.ones(100_000)}, last)  # 0.4 MB: fits

@@ -16,7 +16,7 @@ _EXPORTS = {
     "Amalgamation": "amalgam.api",
     "compose": "amalgam.api",
     "load": "amalgam.api",
-    "preset": "amalgam.api",
+    "preset": "amalgam.build",
     "ConfigError": "amalgam.errors",
     "AmalgamDataModule": "amalgam.data",
     "Teacher": "amalgam.teachers.bank",

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import time
@@ -25,25 +24,12 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
-from torch import nn
 
 from amalgam import report, rundir
-from amalgam.backbone import (
-    Backbone,
-    check_timm_module,
-    head_outputs,
-    input_channels,
-    rebuilds_from_name,
-    timm_arch,
-)
-from amalgam.build import (
-    build_amalgamation,
-    build_datamodule,
-    build_method,
-    build_student,
-    with_shapes,
-)
-from amalgam.checkpoint import RunRecord, StudentCheckpoint, read_checkpoint
+from amalgam.backbone import Backbone
+from amalgam.build import assemble, spec_from_config, spec_from_objects
+from amalgam.checkpoint import StudentCheckpoint, read_checkpoint
+from amalgam.checkpoint_io import AtomicCheckpointIO
 from amalgam.console import (
     CONFIG_TREE,
     console_callbacks,
@@ -51,7 +37,7 @@ from amalgam.console import (
     show_config,
     trainer_kwargs,
 )
-from amalgam.data import AmalgamDataModule, Source
+from amalgam.csv_logger import CSVLogger
 from amalgam.errors import ConfigError
 from amalgam.evaluation import evaluate, model_stats
 from amalgam.launch import (
@@ -72,11 +58,9 @@ from amalgam.launch import (
 from amalgam.methods.base import Method
 from amalgam.module import AmalgamModule
 from amalgam.provenance import provenance
-from amalgam.reliability import AtomicCheckpointIO, CSVLogger
 from amalgam.rundir import check_free_space
-from amalgam.teachers.bank import Teacher, TeacherBank, load_teacher_bank, teacher_tasks
+from amalgam.teachers.bank import TeacherBank
 from amalgam.teachers.cache import open_or_build
-from amalgam.teachers.io import check_module_teacher
 from amalgam.utils import (
     CONF_DIR,
     finish_loggers,
@@ -143,29 +127,6 @@ def compose(
         if "paths" in cfg:
             cfg.paths.output_dir = str(run_dir)
     return cfg
-
-
-def preset(group: str, name: str, **overrides: Any) -> dict[str, Any]:
-    """conf/<group>/<name>.yaml as a dict, with `overrides` merged in (nested dicts merge).
-
-    `preset("method", "cfl", temperature=4.0)`, `preset("optim", "sgd", lr=0.01)`.
-    """
-    path = Path(CONF_DIR) / group / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"{group}='{name}': no file '{path}'; choose one of {names}")
-    raw = OmegaConf.load(path)
-    follows = str(OmegaConf.to_container(raw).get("feature_indices", ""))
-    if "method.feature_indices" in follows and "feature_indices" not in overrides:
-        del raw["feature_indices"]  # a student preset's stages follow the run's method
-    cfg = OmegaConf.merge(raw, overrides)
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except OmegaConfBaseException as e:
-        raise ConfigError(
-            f"{group}/{name}.yaml refers to other config keys ({e}); compose the whole config "
-            "with amalgam.compose() and use Amalgamation.from_config"
-        ) from e
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -253,243 +214,6 @@ def val_metrics(metrics: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, f
     return dict(sorted(val.items()))
 
 
-# ------------------------------------------------------------------------------ parts
-
-
-TEACHER_FORMS = (
-    "a weights path, a teacher config dict, (timm model, [class names]), "
-    "{'model': timm model, 'classes': [class names], ...} or amalgam.teachers.bank.Teacher"
-)
-TEACHER_FIELDS = {f.name for f in dataclasses.fields(Teacher)}
-
-
-def _in_memory(name: str, t: Any) -> Teacher | None:
-    """The `Teacher` that `t` gives in memory (checked), None when `t` names a teacher file."""
-    if isinstance(t, Teacher):
-        pass
-    elif isinstance(t, tuple | list) and len(t) == 2 and isinstance(t[0], nn.Module):
-        t = Teacher(t[0], t[1])
-    elif isinstance(t, Mapping) and "model" in t:
-        unknown = sorted(set(t) - TEACHER_FIELDS)
-        if unknown or "classes" not in t:
-            raise ConfigError(
-                f"teachers['{name}']: an in-memory teacher dict takes the keys "
-                f"{sorted(TEACHER_FIELDS)} ('model' and 'classes' needed); got {sorted(t)}"
-            )
-        t = Teacher(**dict(t))
-    elif isinstance(t, nn.Module):
-        raise ConfigError(
-            f"teachers['{name}']: a model alone does not say which class each logit is: give "
-            f"(model, [class names in logit order]) or Teacher(model, classes)"
-        )
-    else:
-        return None
-    check_module_teacher(name, t.model, t.classes)  # before any image is read
-    return t
-
-
-def _teacher_set(teachers: Mapping[str, Any]) -> dict[str, dict[str, Any] | Teacher]:
-    """{name: teacher} -> teacher_set entries: config dicts for teacher files, `Teacher`s for
-    timm classifiers in memory (checked here: timm API, head size, class list)."""
-    out: dict[str, dict[str, Any] | Teacher] = {}
-    for name, t in teachers.items():
-        module = _in_memory(str(name), t)
-        if module is not None:
-            out[str(name)] = module
-        elif isinstance(t, str | Path):
-            out[str(name)] = {"weights": str(t)}
-        elif isinstance(t, Mapping):
-            out[str(name)] = dict(to_dict(t))
-        else:
-            raise ConfigError(f"teachers['{name}']: give {TEACHER_FORMS}; got {type(t).__name__}")
-    return out
-
-
-def _teacher_tasks(teacher_set: Mapping[str, dict[str, Any] | Teacher]) -> dict[str, list[Any]]:
-    """Each teacher's classes, in teacher order: a file's from its metadata or config, an
-    in-memory teacher's as given."""
-    files = {n: t for n, t in teacher_set.items() if not isinstance(t, Teacher)}
-    known = teacher_tasks(files) if files or not teacher_set else {}
-    return {
-        n: list(t.classes) if isinstance(t, Teacher) else known[n] for n, t in teacher_set.items()
-    }
-
-
-def _teacher_entry(t: dict[str, Any] | Teacher, path: str) -> dict[str, Any]:
-    """The teacher_set entry a checkpoint stores: the file (an in-memory teacher's saved copy,
-    '' when none could be saved) and its own feature indices."""
-    idx = t.feature_indices if isinstance(t, Teacher) else t.get("feature_indices")
-    return {"weights": str(path), **({"feature_indices": list(idx)} if idx is not None else {})}
-
-
-def _datamodule(data: Any, tasks: Mapping[str, Sequence[Any]]) -> AmalgamDataModule:
-    if isinstance(data, AmalgamDataModule):
-        return data
-    if isinstance(data, Source) or callable(data):
-        return AmalgamDataModule(data, tasks)
-    if isinstance(data, Mapping):
-        data = dict(to_dict(data))
-        if "_target_" in data:
-            return build_datamodule(data, tasks)
-        return AmalgamDataModule(tasks=tasks, **data)
-    raise ConfigError(
-        "data: give an AmalgamDataModule, a Source (e.g. amalgam.data.synthetic()), or a dict "
-        f"of AmalgamDataModule arguments with its 'source'; got {type(data).__name__}"
-    )
-
-
-def _check_same_space(dm: AmalgamDataModule, bank: TeacherBank) -> None:
-    have = {t.name: list(t.classes) for t in dm.label_space.tasks}
-    want = {t.name: list(t.classes) for t in bank.space.tasks}
-    if have != want:
-        raise ConfigError(
-            f"data: the datamodule's tasks {have} differ from the teachers' classes {want}; "
-            "build it with tasks={teacher: its classes}, or pass a Source and let the "
-            "Amalgamation build it"
-        )
-
-
-STUDENT_FIX = (
-    "give a timm.create_model(...) module, a timm arch name, a student config dict "
-    "(conf/student/*.yaml keys) or an amalgam.backbone.Backbone"
-)
-
-
-def _student(student: Any, num_classes: int) -> tuple[Backbone, dict[str, Any] | None]:
-    """(student, its config if it has one)."""
-    if isinstance(student, Backbone):
-        n = getattr(student.model, "num_classes", num_classes)
-        if n != num_classes:
-            raise ConfigError(
-                f"student: its head has {n} outputs but the teachers' union has {num_classes} "
-                "classes; build it for the union (or pass its arch name / config dict)"
-            )
-        return student, _rebuild_config(student, num_classes)
-    if isinstance(student, nn.Module):
-        return _timm_student(student, num_classes)
-    if isinstance(student, str):
-        student = {"arch": student}
-    if isinstance(student, Mapping):
-        cfg = dict(to_dict(student))
-        return build_student(cfg, num_classes), cfg
-    raise ConfigError(f"student: {STUDENT_FIX}; got {type(student).__name__}")
-
-
-def _timm_student(model: nn.Module, num_classes: int) -> tuple[Backbone, dict[str, Any] | None]:
-    """A timm classifier in memory as the student: the module itself, wrapped (not copied),
-    its head reset to the union classes when it has another size. Its config, for checkpoints
-    to be loaded back, when timm rebuilds its architecture from its arch name alone."""
-    check_timm_module(model, "student", STUDENT_FIX)
-    n = head_outputs(model)
-    if n != num_classes:
-        model.reset_classifier(num_classes)
-        got = head_outputs(model)
-        if got != num_classes:
-            raise ConfigError(
-                f"student: reset_classifier({num_classes}) left its head with {got} outputs; "
-                f"give a timm model whose head has one output per union class ({num_classes})"
-            )
-        (log.info if not n else log.warning)(
-            "student: its head had %s outputs; reset_classifier(%d) gave it a new, untrained "
-            "head over the %d union classes",
-            n,
-            num_classes,
-            num_classes,
-        )
-    net = Backbone(model, input_channels(model))
-    return net, _rebuild_config(net, num_classes)
-
-
-def _rebuild_config(net: Backbone, num_classes: int) -> dict[str, Any] | None:
-    """The student config that rebuilds `net` (a timm model from its arch name alone, and the
-    Backbone's preprocessing), for checkpoints to load back; None, with a warning, if none does."""
-    model = net.model
-    arch = timm_arch(model)
-    if arch is None or not rebuilds_from_name(model, arch, num_classes, net.in_chans):
-        log.warning(
-            "student: timm cannot rebuild %s from its arch name alone (built with other "
-            "arguments?), so this run's checkpoints store no student config: amalgam.load "
-            "needs overrides={'student': {...}}",
-            arch or type(model).__name__,
-        )
-        return None
-    mean, std = net.norm
-    return {
-        "arch": arch,
-        "in_chans": net.in_chans,
-        "input_size": net.input_size,
-        "mean": mean,
-        "std": std,
-        "pretrained": False,  # every tensor comes from the checkpoint
-        "weights": None,
-        "feature_indices": list(net.feature_indices),
-    }
-
-
-def _check_not_a_teacher(student: Any, bank: TeacherBank) -> None:
-    for name, t in bank.teachers.items():
-        if student is t.model:
-            raise ConfigError(
-                f"student: it is the module of teacher '{name}', which stays frozen; give the "
-                "student its own module (timm.create_model(...), or copy.deepcopy(teacher))"
-            )
-
-
-def _method_stages(method: Any) -> list[int] | None:
-    """The stages a method preset or config names (`feature_indices`), if it names any."""
-    if isinstance(method, str):
-        method = preset("method", method)
-    if isinstance(method, Mapping):
-        idx = to_dict(method).get("feature_indices")
-        return None if idx is None else list(idx)
-    return None
-
-
-def _feature_indices(student: Any, method: Any = None) -> list[int]:
-    """The student's stages: a Backbone's own or a config's `feature_indices`, else the
-    method's (as `student.feature_indices` follows `method.feature_indices` in a config), else
-    the last map."""
-    if isinstance(student, Backbone):
-        return list(student.feature_indices)
-    if isinstance(student, Mapping) and to_dict(student).get("feature_indices") is not None:
-        return list(to_dict(student)["feature_indices"])
-    return _method_stages(method) or [-1]
-
-
-def _method(
-    method: Any, bank: TeacherBank, student: Backbone, dm: AmalgamDataModule
-) -> tuple[Method, dict[str, Any] | None]:
-    """(method, its config if it has one) from a preset name, a config, a factory or a module."""
-    if isinstance(method, Method):
-        return method, None
-    if isinstance(method, str):
-        method = preset("method", method)
-    if isinstance(method, Mapping):
-        cfg = dict(to_dict(method))
-        return build_method(cfg, bank.space, student, bank, dm.image_size, dm.channels), cfg
-    if callable(method):  # a Method class or functools.partial(CFL, weights=...)
-        rule = getattr(method, "keywords", {}).get("targets")
-        built = with_shapes(method, bank.space, student, bank, dm.image_size, dm.channels, rule)
-        return built, None
-    raise ConfigError(
-        "method: give a preset name ('cfl', 'kd', ...), a method config dict, a Method class or "
-        f"partial (functools.partial(CFL, weights=...)), or a Method; got {type(method).__name__}"
-    )
-
-
-def _method_label(method: Method, cfg: Mapping[str, Any] | None) -> str:
-    if cfg is not None:
-        return str(cfg.get("name") or str(cfg["_target_"]).rsplit(".", 1)[-1])
-    return type(method).__name__.lower()
-
-
-def _arch(student: Backbone, cfg: Mapping[str, Any] | None) -> str:
-    if cfg is not None:
-        return str(cfg["arch"])
-    pcfg = getattr(student.model, "pretrained_cfg", None) or {}
-    return str(pcfg.get("architecture") or type(student.model).__name__)
-
-
 # ------------------------------------------------------------------------------ the run
 
 
@@ -548,60 +272,27 @@ class Amalgamation:
                 "loggers/callbacks: give them to your lightning.Trainer, or pass trainer as a "
                 "dict of Trainer arguments"
             )
+        spec = spec_from_objects(  # the config checks, on the parts given as config
+            teachers,
+            student,
+            data,
+            method,
+            optim,
+            seed=seed,
+            teacher_dtype=teacher_dtype,
+            save_dir=out_dir / "teachers",  # in-memory teachers, as files to load back
+        )
         if seed is not None:
             L.seed_everything(seed, workers=True)
-        optim_cfg = preset("optim", optim) if isinstance(optim, str) else dict(to_dict(optim))
-        # the same order as build_amalgamation: data, teachers, student, method
-        if isinstance(teachers, TeacherBank):
-            bank = teachers
-            dm = _datamodule(data, {n: list(m.classes) for n, m in bank.metas.items()})
-            teacher_set = {n: {"weights": p} for n, p in bank.paths.items()}
-        else:
-            teacher_set = _teacher_set(teachers)
-            dm = _datamodule(data, _teacher_tasks(teacher_set))
-            for name, t in teacher_set.items():  # the data's names for the classes
-                classes = list(dm.label_space.task(name).classes)
-                if isinstance(t, Teacher):
-                    teacher_set[name] = dataclasses.replace(t, classes=classes)
-                else:
-                    t["class_names"] = classes
-            bank = load_teacher_bank(
-                teacher_set,
-                _feature_indices(student, method),
-                teacher_dtype,
-                save_dir=out_dir / "teachers",  # in-memory teachers, as files to load back
-            )
-            teacher_set = {n: _teacher_entry(t, bank.paths[n]) for n, t in teacher_set.items()}
-        _check_same_space(dm, bank)
-        _check_not_a_teacher(student, bank)
-        student_net, student_cfg = _student(student, bank.space.num_classes)
-        if not isinstance(student, Backbone):  # the stages the method works on
-            student_net.feature_indices = _feature_indices(student, method)
-            if student_cfg is not None:
-                student_cfg["feature_indices"] = list(student_net.feature_indices)
-        method_obj, method_cfg = _method(method, bank, student_net, dm)
-        rule = method_obj.targets
-        if getattr(rule, "needs_fit", False) and not getattr(rule, "is_fit", True):
-            rule.fit(bank, dm)  # the target rule's statistics, as build_amalgamation does
-        config = {  # enough for amalgam.load() when every part came as config
-            "seed": seed,
-            "teacher_dtype": teacher_dtype,
-            "teacher_set": teacher_set,
-            "student": student_cfg,
-            "method": method_cfg,
-            "optim": optim_cfg,
-            "data": dict(to_dict(data)) if _is_config(data) else None,
-        }
-        record = RunRecord(config=config, label_space=bank.space.as_dict())
-        module = AmalgamModule(bank, student_net, method_obj, optim_cfg, record)
+        built = assemble(spec)  # the one builder, as from_config's
+        dm, module = built.datamodule, built.module
         attach_cache(
             {"enabled": teacher_cache is not None, "dir": str(teacher_cache), "views": cache_views},
             dm,
             module,
         )
-        label = _method_label(method_obj, method_cfg)
-        arch = _arch(student_net, student_cfg)
-        info = {"method": label, "variant": label, "seed": seed, "student_arch": arch}
+        label = built.method
+        info = {"method": label, "variant": label, "seed": seed, "student_arch": built.student_arch}
 
         def make_loggers(resume_from: Path | None) -> list[Any]:
             if isinstance(trainer, L.Trainer):
@@ -668,9 +359,12 @@ class Amalgamation:
         claim_run_dir(cfg, out_dir, "paths.output_dir")  # one run per dir, never over a finished
         try:
             # a resumed run takes the rule's statistics from its checkpoint instead of refitting
-            dm, module = build_amalgamation(
-                cfg, fit_rules=resume_from is None or not rule_fitted_in(resume_from)
+            built = assemble(
+                spec_from_config(
+                    cfg, fit_rules=resume_from is None or not rule_fitted_in(resume_from)
+                )
             )
+            dm, module = built.datamodule, built.module
             if resume_from is not None:
                 check_resume(cfg, resume_from, module)
             check_free_space(out_dir, checkpoint_bytes(module), "paths.output_dir")
@@ -680,10 +374,10 @@ class Amalgamation:
         attach_cache(cfg.get("teacher_cache"), dm, module)
         variant = variant_name(cfg)
         info = {
-            "method": method_name(cfg),
+            "method": built.method,
             "variant": variant,
             "seed": int(cfg.seed),
-            "student_arch": str(cfg.student.arch),
+            "student_arch": built.student_arch,
         }
         self = cls.__new__(cls)
         self._setup(dm, module, out_dir, info, cfg, resume_from)
@@ -888,7 +582,8 @@ def rebuild(
     if overrides:
         cfg = OmegaConf.merge(cfg, dict(overrides))
     # the checkpoint holds the rules' statistics and every student tensor
-    dm, module = build_amalgamation(cfg, fit_rules=False, init_student=False)
+    built = assemble(spec_from_config(cfg, fit_rules=False, init_student=False))
+    dm, module = built.datamodule, built.module
     hashes = module.teachers.hashes()
     for name, then in rec.teacher_hashes().items():
         if hashes[name] != then:
@@ -947,11 +642,6 @@ def _level(logger: logging.Logger, level: int) -> Any:
         yield
     finally:
         logger.setLevel(old)
-
-
-def _is_config(part: Any) -> bool:
-    """A part that is plain config (a dict with `_target_`), storable in a checkpoint."""
-    return isinstance(part, Mapping) and "_target_" in part
 
 
 def load(

@@ -235,7 +235,7 @@ def make_loggers(cfg: DictConfig, variant: str, resume_from: Path | None) -> lis
             if run_id:
                 kwargs |= {"id": run_id, "resume": "allow"}
                 log.info("resuming wandb run %s", run_id)
-        if lcfg._target_ == "amalgam.reliability.CSVLogger" and resume_from is not None:
+        if lcfg._target_ == "amalgam.csv_logger.CSVLogger" and resume_from is not None:
             kwargs["resume_step"] = step_of(resume_from)  # keep the rows logged before it
         logger = hydra.utils.instantiate(lcfg, **kwargs)
         if log_model:

@@ -17,7 +17,7 @@ q is then exactly softmax(concat(z_1, ..., z_N) / T), the reference code's targe
 classes, q(c) = sum_{i knows c} exp(z_ic / T) / sum_j sum_{c' in C_j} exp(z_jc' / T).
 
 Rules with statistics (`Calibrated`, `OODGate`, `DensityRatio`) are fit once before training by
-`fit(bank, dm)` (`build_amalgamation` calls it) from each teacher's OWN-task images (the
+`fit(bank, dm)` (`build.assemble` calls it) from each teacher's OWN-task images (the
 teacher owner's data) and, for `DensityRatio`, the unlabeled amalgamation pool; never from a
 label of the amalgamation data. Their statistics are persistent buffers: they land in student
 checkpoints and are loaded back (with their shapes) when a run is rebuilt.
@@ -279,7 +279,7 @@ class FittedRule(TargetRule):
         if not self.is_fit:
             raise RuntimeError(
                 f"target rule {type(self).__name__} has no statistics yet: call "
-                "rule.fit(bank, dm) first (build_amalgamation does) or load a checkpoint"
+                "rule.fit(bank, dm) first (amalgam.build.assemble does) or load a checkpoint"
             )
         return super().gates(logits, temperature, features)
 

@@ -42,6 +42,14 @@ SHIPPED_TARGETS = frozenset(
     }
 )
 PACKAGE = "amalgam"
+# amalgam classes that moved to another module: a config stored before the move names them by
+# the old path; they stay allowed, as the class they name now
+MOVED = {
+    "amalgam.reliability.AtomicCheckpointIO": "amalgam.checkpoint_io.AtomicCheckpointIO",
+    "amalgam.reliability.CSVLogger": "amalgam.csv_logger.CSVLogger",
+    "amalgam.reliability.Preemption": "amalgam.preemption.Preemption",
+    "amalgam.reliability.NanGuard": "amalgam.nan_guard.NanGuard",
+}
 FIX = (
     "if you trust this file and the callable, allow it with trust_targets=[{target}] on the "
     "command line (Python: trust_targets=['{target}'])"
@@ -103,6 +111,7 @@ def allowed(target: Any, trusted: Iterable[str] = ()) -> bool:
     modules outside amalgam)."""
     if not isinstance(target, str):
         return False
+    target = MOVED.get(target, target)
     return target in SHIPPED_TARGETS or target in set(trusted) or is_amalgam_extension(target)
 
 

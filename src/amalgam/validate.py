@@ -724,11 +724,43 @@ def check_targets(targets: Mapping[str, Any] | None, space: LabelSpace) -> None:
     cls(space=space, **kwargs)
 
 
-def validate_label_space(cfg: DictConfig, space: LabelSpace) -> None:
+def validate_label_space(student: Any, space: LabelSpace) -> None:
     """The label-space checks, again once the data is loaded (for sources whose classes are
-    not known from their config: CIFAR, custom sources)."""
+    not known from their config: CIFAR, custom sources); `student` as config or as a module."""
     check_label_space(space)
-    check_student_head(to_dict(cfg.student), space.num_classes)
+    if isinstance(student, Mapping):
+        check_student_head(to_dict(student), space.num_classes)
+
+
+def validate_parts(
+    *,
+    seed: Any = None,
+    optim: Mapping[str, Any] | None = None,
+    student: Mapping[str, Any] | None = None,
+    method: Mapping[str, Any] | None = None,
+    teacher_set: Mapping[str, Any] | None = None,
+    teachers: Sequence[str] = (),
+) -> type | None:
+    """The checks of a run's parts that need no data: seed, optimiser, the student's and the
+    method's config, teacher_set entries' keys (those given as config; None skips a part).
+    Shared by `validate_amalgamation` and the Python-object path. Returns the method's class
+    (None without a method config)."""
+    if seed is not None:
+        check_seed(seed)
+    check_optim(optim)
+    method_cls = None
+    if method is not None:
+        method_cls = check_method(method)
+        check_teacher_weights(method, list(teachers))
+    if student is not None:
+        check_keys(student, STUDENT_KEYS, "student")
+        check_norm(student.get("mean"), student.get("std"), "student")
+        check_arch(str(student.get("arch")), "student.arch")
+        check_network_init(student, "student", "weights", "key_map")
+    for name, t in (teacher_set or {}).items():
+        if isinstance(t, Mapping):
+            check_keys(t, TEACHER_KEYS, f"teacher_set.{name}")
+    return method_cls
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -791,21 +823,17 @@ def validate_amalgamation(cfg: DictConfig) -> None:
     data = to_dict(cfg.data)
     student = to_dict(cfg.student)
     teacher_set = to_dict(cfg.get("teacher_set")) or {}
-    # 1. the config alone
+    # 1. the config alone; the architectures and init files it names
     check_run_values(_run_values(cfg))
-    method_cls = check_method(method)
+    method_cls = validate_parts(
+        student=student, method=method, teacher_set=teacher_set, teachers=list(teacher_set)
+    )
     check_data_keys(data)
-    check_keys(student, STUDENT_KEYS, "student")
-    check_norm(student.get("mean"), student.get("std"), "student")
     trainer = cfg.get("trainer") or {}  # two keys only: the rest may need Hydra's runtime
     check_precision({k: trainer.get(k) for k in ("precision", "accelerator") if k in trainer})
-    for name, t in teacher_set.items():
-        check_keys(t, TEACHER_KEYS, f"teacher_set.{name}")
     # 2. directories read (those written are checked by check_run_dirs, at launch)
     check_data_dirs(data)
-    # 3. architectures, teacher files and classes (metadata only)
-    check_arch(str(student["arch"]), "student.arch")
-    check_network_init(student, "student", "weights", "key_map")
+    # 3. teacher files and classes (metadata only)
     tasks = teacher_tasks(teacher_set)
     facts = data_facts(data.get("source"))
     space = None
@@ -822,7 +850,6 @@ def validate_amalgamation(cfg: DictConfig) -> None:
         idx = t.get("feature_indices", s_idx) if needs else None
         check_teacher(name, t, classes, data, channels, idx)
     # 5. the union label space and the student
-    check_teacher_weights(method, list(teacher_set))
     if space is not None:
         check_label_space(space)
         check_targets(to_dict(cfg.get("targets")), space)

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from amalgam.data.loaders import ResumableLoader, WorkerInit
 from amalgam.data.sources import Source, Split, load_image, open_rgb
 from amalgam.data.transforms import Preprocess, seed_table, view_seed
 from amalgam.errors import ConfigError
-from amalgam.reliability import ResumableLoader, WorkerInit
 from amalgam.tasks import LabelSpace, resolve_classes
 
 SplitName = Literal["train", "val", "test"]
