@@ -283,3 +283,76 @@ def test_margins_to_the_teachers_are_per_job_differences_averaged(sweep):
     line = next(x for x in margins.splitlines() if x.startswith(f"| method=cfl,{COMMON} |"))
     assert f"| +{statistics.mean(joint):.2f} ± {statistics.stdev(joint):.2f} |" in line
     assert f"| {statistics.mean(a):.2f} ± {statistics.stdev(a):.2f} |" in line  # negative
+
+
+def _run_results():
+    """A results dict with every field a finished run writes."""
+    return {
+        "tasks": {
+            "a": {"classes": ["x", "y"], "teacher_acc": 0.9, "student_acc": 0.8, "n_test": 10},
+            "b": {"classes": ["z"], "teacher_acc": 1.0, "student_acc": 0.7, "n_test": 5},
+        },
+        "joint": {
+            "student_acc": 0.75,
+            "teacher_ensemble_acc": 0.8,
+            "n_test": 15,
+            "target_rule": "DensityRatio",
+            "teacher_ensemble_concat_acc": 0.6,
+        },
+        "task_confusion": {"tasks": ["a", "b"], "student": [[9, 1], [0, 5]]},
+        "params": {"student": 10, "teachers": {"a": 20}},
+        "throughput_img_s": {"student": 100.0, "teachers": {}},
+        "method": "cfl",
+        "variant": "method=cfl",
+        "uses_labels": False,
+        "targets": "DensityRatio",
+        "seed": 0,
+        "student_arch": "resnet10t",
+        "teacher_archs": {"a": "resnet18", "b": "convnext_atto"},
+        "teacher_hashes": {"a": "ab" * 32, "b": "cd" * 32},
+        "epochs": 4,
+        "global_step": 100,
+        "world_size": 1,
+        "resumed_from": None,
+        "train_seconds": 12.5,
+        "checkpoint": "run/checkpoints/final.ckpt",
+        "val": {"acc_a": 0.8, "task_mean_acc": 0.8},
+        "provenance": {"commit": "abc"},
+        "a_field_of_the_future": [1, 2],
+    }
+
+
+def test_results_schema_round_trips_and_names_the_bad_field(tmp_path):
+    from amalgam.results import Results, ResultsError, problem, read_results, write_results
+
+    res = _run_results()
+    rec = Results.from_dict(res)
+    assert rec.tasks["a"].student_acc == 0.8 and rec.tasks["b"].classes == ["z"]
+    assert rec.joint.target_rule == "DensityRatio" and rec.seed == 0 and rec.epochs == 4
+    assert rec.extra == {"a_field_of_the_future": [1, 2]}
+    back = rec.as_dict()
+    assert {k: v for k, v in res.items() if v is not None} == back  # None fields left out
+    path = write_results(res, tmp_path)
+    assert json.loads(path.read_text()) == res and read_results(path) == (res, None)
+    bad = [
+        ({"seed": "0"}, "'seed' is not an integer"),
+        ({"epochs": 4.0}, "'epochs' is not an integer"),
+        ({"uses_labels": "no"}, "'uses_labels' is not true or false"),
+        ({"teacher_hashes": {"a": 7}}, "'teacher_hashes.a' is not a string"),
+        ({"provenance": []}, "'provenance' is not an object"),
+        ({"val": {"acc_a": "high"}}, "'val.acc_a' is not a number"),
+        ({"joint": {"student_acc": 0.5}}, "'joint' lacks a numeric"),
+        ({"joint": {**res["joint"], "n_test": "15"}}, "'joint.n_test' is not an integer"),
+        ({"tasks": {"a": {"student_acc": 1.5, "teacher_acc": 0.9}}}, "task 'a' lacks"),
+        ({"tasks": {"a": {**res["tasks"]["a"], "classes": "xy"}}}, "'tasks.a.classes' is not"),
+        ({"tasks": {}}, "no 'tasks' entry"),
+    ]
+    for change, why in bad:
+        assert why in (problem(res | change) or ""), change
+        with pytest.raises(ResultsError, match=why.replace("[", r"\[")):
+            write_results(res | change, tmp_path / "bad")
+        assert not (tmp_path / "bad" / "results.json").exists()
+    assert problem([1]) == "not a JSON object"
+    (tmp_path / "results.json").write_text('{"tasks": ')
+    r, why = read_results(tmp_path / "results.json")
+    assert r is None and why.startswith("unreadable (JSONDecodeError")

@@ -162,6 +162,14 @@ def test_ddp_cpu_two_processes_same_results_schema(tiny_teachers, tmp_path):
     assert ddp["global_step"] == one["global_step"] == 8
     assert 0.3 < ddp["joint"]["student_acc"] <= 1
     assert len(list((tmp_path / "ddp").glob("results.*"))) == 3
+    # the final test ran on both ranks, each test image counted once: the same frozen teachers
+    # give the same counts and accuracies as in one process
+    assert ddp["joint"]["n_test"] == one["joint"]["n_test"]
+    assert ddp["joint"]["teacher_ensemble_acc"] == one["joint"]["teacher_ensemble_acc"]
+    for name, t in one["tasks"].items():
+        assert ddp["tasks"][name]["n_test"] == t["n_test"] > 0
+        assert ddp["tasks"][name]["teacher_acc"] == t["teacher_acc"]
+    assert ddp["task_confusion"]["teachers"] == one["task_confusion"]["teachers"]
 
 
 def test_ddp_inside_multirun_is_refused(tiny_teachers, tmp_path):

@@ -154,6 +154,47 @@ def test_unknown_key_hydra_lets_through(root, no_heavy_work, override, message):
         build_amalgamation(tiny(root, override))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("student.in_chans=three", r"student\.in_chans='three': must be an integer"),
+        ("student.pretrained=maybe", r"student\.pretrained='maybe': must be true or false"),
+        ("student.input_size=[8,8]", r"student\.input_size=\[8, 8\]: must be an integer or null"),
+        ("student.model_kwargs=7", r"student\.model_kwargs=7: must be a mapping"),
+        ("teacher_cache.views=many", r"teacher_cache\.views='many': must be an integer"),
+        (
+            "+teacher_cache.view=2",
+            r"unknown config key 'teacher_cache\.view'.*'teacher_cache\.views'",
+        ),
+        ("teacher_set.tiny_a.input_size=big", r"teacher_set\.tiny_a\.input_size='big': must be an"),
+    ],
+)
+def test_schema_refuses_wrong_types_and_keys(root, no_heavy_work, override, message):
+    """The schemas (amalgam.schemas) refuse a value of the wrong type, as one line that names
+    the key, before any image is read."""
+    with pytest.raises(ConfigError, match=message):
+        build_amalgamation(tiny(root, override))
+
+
+def test_schemas_are_the_keys_the_builders_read():
+    """Every key of a shipped student and teacher preset is in its schema, and the schemas are
+    in Hydra's ConfigStore for configs of one's own."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from amalgam.schemas import StudentConfig, TeacherConfig, conform
+    from amalgam.utils import CONF_DIR
+
+    for group, schema in (("student", StudentConfig), ("teacher", TeacherConfig)):
+        for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+            raw = OmegaConf.to_container(OmegaConf.load(path))
+            raw = {k: v for k, v in raw.items() if k != "defaults"}
+            raw = {k: None if isinstance(v, str) and "${" in v else v for k, v in raw.items()}
+            conform(raw, schema, group)  # raises on a key or type the schema does not take
+    stored = ConfigStore.instance().repo["schema"]
+    assert {"student.yaml", "teacher.yaml", "teacher_cache.yaml"} <= set(stored)
+
+
 def test_unknown_teacher_key_in_teacher_training(root, no_heavy_work):
     with pytest.raises(ConfigError, match=r"unknown config key 'teacher\.input_sizee'"):
         train_teacher(teacher_cfg(root, "+teacher.input_sizee=8"))

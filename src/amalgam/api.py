@@ -22,8 +22,11 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader
 
 from amalgam import report, rundir
 from amalgam.backbone import Backbone
@@ -39,7 +42,7 @@ from amalgam.console import (
 )
 from amalgam.csv_logger import CSVLogger
 from amalgam.errors import ConfigError
-from amalgam.evaluation import evaluate, model_stats
+from amalgam.evaluation import model_stats
 from amalgam.launch import (
     check_launch,
     check_resume,
@@ -147,36 +150,73 @@ def _timestamped(base: PathLike) -> Path:
 # ------------------------------------------------------------------------------ reports
 
 
-def measure(module: AmalgamModule, dm: Any, device: Any = None) -> dict[str, Any]:
-    """Student and teacher accuracies on the test split, parameter counts, throughput."""
-    device = device or module.device
-    was = module.device
-    module.to(device)
-    try:
-        out = evaluate(
-            module.student,
-            module.teachers,
-            dm.test_dataloader(),
-            module.space,
-            device,
-            module.method.targets,
-        )
-        out |= model_stats(module.student, module.teachers, dm.image_size, dm.channels, device)
-    finally:
-        module.to(was)
+def eval_trainer(device: Any = None) -> L.Trainer:
+    """A one-device Trainer for an evaluation outside a fit: float32, no logger, no files."""
+    dev = torch.device(device if device is not None else "cpu")
+    accelerator = {"cuda": "gpu"}.get(dev.type, dev.type)
+    devices = [dev.index] if dev.type == "cuda" and dev.index is not None else 1
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        precision="32-true",
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def once_over_ranks(loader: DataLoader, trainer: L.Trainer) -> DataLoader:
+    """The test loader split over the DDP ranks without padding: every test image is counted
+    once (Lightning's own sampler repeats images to even out the ranks)."""
+    sampler = UnrepeatedDistributedSampler(
+        loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+    )
+
+
+def measure(
+    module: AmalgamModule, dm: Any, device: Any = None, trainer: L.Trainer | None = None
+) -> dict[str, Any]:
+    """Student and teacher accuracies on the test split (`trainer.test`: the fit's trainer,
+    else a one-device float32 one on `device`), parameter counts, throughput (rank 0).
+
+    Every rank must call it under DDP (the test is a collective); the counts are summed over
+    the ranks and every rank gets the same figures.
+    """
+    trainer = trainer or eval_trainer(device or module.device)
+    loader = dm.test_dataloader()
+    if trainer.world_size > 1:
+        loader = once_over_ranks(loader, trainer)
+    trainer.limit_test_batches = 1.0  # the whole test split (data.test_limit sets its size)
+    trainer.test(module, dataloaders=loader, verbose=False)
+    out = dict(module.test_results or {})
+    if trainer.is_global_zero:
+        root, was = trainer.strategy.root_device, module.device
+        module.to(root)
+        try:
+            out |= model_stats(module.student, module.teachers, dm.image_size, dm.channels, root)
+        finally:
+            module.to(was)
     return out
 
 
 def final_report(
-    module: AmalgamModule,
-    dm: Any,
+    results: dict[str, Any],
     out_dir: Path,
-    extra: dict[str, Any],
     loggers: list[Any] = (),
     show: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate student and teachers on the test split; write, print and log the report."""
-    results = measure(module, dm) | extra
+    """Write, print and log the report of measured `results` (rank 0)."""
     paths = report.write(results, out_dir)
     if show:
         report.show(results)
@@ -525,28 +565,30 @@ class Amalgamation:
             ckpt = self.output_dir / "checkpoints" / "final.ckpt"
             trainer.save_checkpoint(ckpt, weights_only=False)
             self.checkpoint_path = ckpt
+            # read before the test, which resets the trainer's callback metrics
+            info = {
+                "method": self._info["method"],
+                "variant": self._info["variant"],
+                "uses_labels": bool(module.method.uses_labels),
+                "targets": type(module.method.targets).__name__,
+                "seed": self._info["seed"],
+                "student_arch": self._info["student_arch"],
+                "teacher_archs": {n: m.arch for n, m in module.teachers.metas.items()},
+                "teacher_hashes": module.teachers.hashes(),
+                "epochs": int(trainer.current_epoch),
+                "global_step": int(trainer.global_step),
+                "world_size": int(trainer.world_size),
+                "resumed_from": str(resume_from) if resume_from else None,
+                "train_seconds": round(time.time() - start, 1),
+                "checkpoint": str(ckpt),
+                "val": val_metrics(trainer.callback_metrics, module.space.names),
+            }
+            measured = measure(module, dm, trainer=trainer)  # on every rank: a collective
             results: dict[str, Any] = {}
             if trainer.is_global_zero:
-                self._info = {
-                    "method": self._info["method"],
-                    "variant": self._info["variant"],
-                    "uses_labels": bool(module.method.uses_labels),
-                    "targets": type(module.method.targets).__name__,
-                    "seed": self._info["seed"],
-                    "student_arch": self._info["student_arch"],
-                    "teacher_archs": {n: m.arch for n, m in module.teachers.metas.items()},
-                    "teacher_hashes": module.teachers.hashes(),
-                    "epochs": int(trainer.current_epoch),
-                    "global_step": int(trainer.global_step),
-                    "world_size": int(trainer.world_size),
-                    "resumed_from": str(resume_from) if resume_from else None,
-                    "train_seconds": round(time.time() - start, 1),
-                    "checkpoint": str(ckpt),
-                    "val": val_metrics(trainer.callback_metrics, module.space.names),
-                    "provenance": provenance(),
-                }
+                self._info = info | {"provenance": provenance()}
                 results = final_report(
-                    module, dm, self.output_dir, self._info, loggers, show=console["log_lines"]
+                    measured | self._info, self.output_dir, loggers, show=console["log_lines"]
                 )
                 files = [ckpt, *(self.output_dir / f"results.{x}" for x in ("json", "md", "png"))]
                 log_artifacts(loggers, self.output_dir, [*files, self.output_dir / CONFIG_TREE])

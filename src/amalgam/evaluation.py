@@ -103,6 +103,109 @@ def throughput(model: Backbone, x: torch.Tensor, iters: int = 3) -> float:
     return iters * x.shape[0] / dt
 
 
+class TaskConfusion(Metric):
+    """[N, N] counts of true task (rows) against the task of the joint argmax (columns), for
+    the student and for the teachers' ensemble; a shared class counts for its first task."""
+
+    full_state_update = False
+
+    def __init__(self, space: LabelSpace, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        n = len(space.tasks)
+        self.n_tasks = n
+        self.register_buffer("owner", task_owner(space), persistent=False)
+        for who in ("student", "teachers"):
+            self.add_state(who, torch.zeros(n, n, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, student: torch.Tensor, teachers: torch.Tensor, labels: torch.Tensor) -> None:
+        self.student += task_confusion(student, labels, self.owner, self.n_tasks).to(self.device)
+        self.teachers += task_confusion(teachers, labels, self.owner, self.n_tasks).to(self.device)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"student": self.student.clone(), "teachers": self.teachers.clone()}
+
+
+class TestMetrics(nn.Module):
+    """What the final evaluation accumulates over labeled test batches (union labels): the
+    student's and the teachers' task-aware and joint accuracy, each teacher's own head on its
+    own task, the reference rule's (concatenated logits) ensemble beside the run's rule, and the
+    task confusion. Every state is a torchmetrics sum, so DDP ranks add up (`sync=True`).
+
+    The teachers' joint prediction is the argmax of the target rule's distribution (default:
+    concatenated logits); task-aware teacher accuracy is each teacher's own head on its task
+    (a shared class must not borrow another teacher's logit).
+    """
+
+    def __init__(self, space: LabelSpace, targets: TargetRule | None = None, sync: bool = True):
+        super().__init__()
+        self.space = space
+        self.targets = [targets]  # a list: the rule is the module's, not a submodule here
+        self.rule = type(targets).__name__ if targets is not None else "Concat"
+        self.feats = targets is not None and targets.needs_features
+
+        def acc() -> AmalgamAccuracy:
+            return AmalgamAccuracy(space, sync_on_compute=sync)
+
+        self.student = acc()
+        self.teachers = acc()
+        self.reference = acc() if self.rule != "Concat" else None
+        self.own = nn.ModuleList(acc() for _ in space.tasks)
+        self.confusion = TaskConfusion(space, sync_on_compute=sync)
+        self.index = [torch.tensor(space.indices(t.name)) for t in space.tasks]
+
+    @torch.no_grad()
+    def update(
+        self, student: Backbone, teachers: TeacherBank, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        space, rule = self.space, self.targets[0]
+        s_logits = student(x, features=False).logits
+        self.student.update(s_logits, y)
+        out = teachers(x, features=self.feats)
+        logits = out.logits
+        log_q = union_log_targets(logits, space, rule, out.features if self.feats else None)
+        self.teachers.update(log_q, y)
+        if self.reference is not None:
+            self.reference.update(union_log_targets(logits, space, None, None), y)
+        self.confusion.update(s_logits.argmax(1), log_q.argmax(1), y)
+        for metric, z, idx in zip(self.own, logits, self.index, strict=True):
+            full = z.new_full((len(z), space.num_classes), float("-inf"))
+            metric.update(full.index_copy_(1, idx.to(z.device), z.float()), y)
+
+    def compute(self) -> dict[str, Any]:
+        """{"tasks": {name: accuracies, classes, n_test}, "joint": ..., "task_confusion": ...}"""
+        space = self.space
+        s, t = self.student.compute(), self.teachers.compute()
+        t |= {task.name: self.own[i].compute()[task.name] for i, task in enumerate(space.tasks)}
+        with self.student.sync_context(should_sync=self.student.sync_on_compute):
+            totals = self.student.total.tolist()  # summed over the ranks
+            n = int(self.student.joint_total)
+        tasks = {
+            task.name: {
+                "classes": list(task.classes),
+                "teacher_acc": float(t[task.name]),
+                "student_acc": float(s[task.name]),
+                "n_test": int(totals[i]),
+            }
+            for i, task in enumerate(space.tasks)
+        }
+        joint = {
+            "student_acc": float(s["joint"]),
+            "teacher_ensemble_acc": float(t["joint"]),
+            "n_test": n,
+            "target_rule": self.rule,
+        }
+        if self.reference is not None:
+            joint["teacher_ensemble_concat_acc"] = float(self.reference.compute()["joint"])
+        conf = self.confusion.compute()
+        confusion = {
+            "tasks": list(space.names),
+            "student": conf["student"].tolist(),
+            "teachers": conf["teachers"].tolist(),
+            "shared_classes": "counted for the first task that lists them",
+        }
+        return {"tasks": tasks, "joint": joint, "task_confusion": confusion}
+
+
 @torch.no_grad()
 def evaluate(
     student: Backbone,
@@ -112,73 +215,15 @@ def evaluate(
     device: torch.device | str = "cpu",
     targets: TargetRule | None = None,
 ) -> dict[str, Any]:
-    """Accuracies of student and teachers on the loader's labeled images (union labels).
-
-    The teachers' joint prediction is the argmax of the target rule's distribution (default:
-    concatenated logits); task-aware teacher accuracy is each teacher's own head on its task.
-    `task_confusion` counts true task (rows) against the task of the joint argmax (columns),
-    for the student and the teacher ensemble; a shared class counts for its first task.
-    """
+    """`TestMetrics` of any student and teachers over a loader of labeled images, in this
+    process (a run's final evaluation is `AmalgamModule.test_step`, inside the Trainer)."""
     was = student.training
     student.eval()
-    # local to this process: the final report runs on rank 0 alone, never a collective
-    s_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device)
-    t_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device)
-    # the reference code's rule (concatenated logits) beside any other rule, from the same
-    # teachers on the same images: what the chosen rule buys
-    rule = type(targets).__name__ if targets is not None else "Concat"
-    ref_acc = AmalgamAccuracy(space, sync_on_compute=False).to(device) if rule != "Concat" else None
-    # each teacher's own head on its own task (a shared class must not borrow another's logit)
-    own = [AmalgamAccuracy(space, sync_on_compute=False).to(device) for _ in space.tasks]
-    index = [torch.tensor(space.indices(t.name), device=device) for t in space.tasks]
-    owner, n_tasks = task_owner(space), len(space.tasks)
-    conf = {who: torch.zeros(n_tasks, n_tasks, dtype=torch.long) for who in ("student", "teachers")}
-    feats = targets is not None and targets.needs_features
-    n = 0
+    metrics = TestMetrics(space, targets, sync=False).to(device)
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        s_logits = student(x, features=False).logits
-        s_acc.update(s_logits, y)
-        out = teachers(x, features=feats)
-        logits = out.logits
-        log_q = union_log_targets(logits, space, targets, out.features if feats else None)
-        t_acc.update(log_q, y)
-        if ref_acc is not None:
-            ref_acc.update(union_log_targets(logits, space, None, None), y)
-        conf["student"] += task_confusion(s_logits.argmax(1), y, owner, n_tasks)
-        conf["teachers"] += task_confusion(log_q.argmax(1), y, owner, n_tasks)
-        for metric, z, idx in zip(own, logits, index, strict=True):
-            full = z.new_full((len(z), space.num_classes), float("-inf"))
-            metric.update(full.index_copy_(1, idx, z.float()), y)
-        n += y.numel()
+        metrics.update(student, teachers, x.to(device), y.to(device))
     student.train(was)
-    s, t = s_acc.compute(), t_acc.compute()
-    t |= {task.name: own[i].compute()[task.name] for i, task in enumerate(space.tasks)}
-    totals = s_acc.total.tolist()
-    tasks = {
-        task.name: {
-            "classes": list(task.classes),
-            "teacher_acc": float(t[task.name]),
-            "student_acc": float(s[task.name]),
-            "n_test": int(totals[i]),
-        }
-        for i, task in enumerate(space.tasks)
-    }
-    joint = {
-        "student_acc": float(s["joint"]),
-        "teacher_ensemble_acc": float(t["joint"]),
-        "n_test": n,
-        "target_rule": rule,
-    }
-    if ref_acc is not None:
-        joint["teacher_ensemble_concat_acc"] = float(ref_acc.compute()["joint"])
-    confusion = {
-        "tasks": list(space.names),
-        "student": conf["student"].tolist(),
-        "teachers": conf["teachers"].tolist(),
-        "shared_classes": "counted for the first task that lists them",
-    }
-    return {"tasks": tasks, "joint": joint, "task_confusion": confusion}
+    return metrics.compute()
 
 
 def model_stats(

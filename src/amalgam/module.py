@@ -12,7 +12,7 @@ import torch
 from amalgam.backbone import Backbone
 from amalgam.checkpoint import RunRecord, write_record
 from amalgam.classifier import split_head, steps_per_epoch
-from amalgam.evaluation import AmalgamAccuracy
+from amalgam.evaluation import AmalgamAccuracy, TestMetrics
 from amalgam.methods.base import Method
 from amalgam.optim import configure
 from amalgam.teachers.bank import TeacherBank
@@ -151,6 +151,20 @@ class AmalgamModule(L.LightningModule):
         self.log_dict({f"val/acc_{k}": v for k, v in acc.items()}, prog_bar=False)
         self.log("val/joint_acc", joint, prog_bar=True)
         self.val_acc.reset()
+
+    # the final evaluation: `trainer.test(module, test loader)`; device, precision and DDP are
+    # the Trainer's, every rank's counts are summed (amalgam.evaluation.TestMetrics)
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics = TestMetrics(self.space, self.method.targets).to(self.device)
+        self.test_results: dict[str, Any] | None = None
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.test_metrics.update(self.student, self.teachers, x, y)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self.test_metrics.compute()
+        del self.test_metrics  # no state of it outlives the evaluation
 
     def configure_optimizers(self):
         groups = split_head(self.student)

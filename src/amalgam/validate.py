@@ -33,6 +33,13 @@ from amalgam.backbone import (
 from amalgam.checkpoint import read_checkpoint
 from amalgam.data import sources
 from amalgam.errors import ConfigError
+from amalgam.schemas import (
+    HYDRA_KEYS,
+    StudentConfig,
+    TeacherCacheConfig,
+    TeacherConfig,
+    conform,
+)
 from amalgam.tasks import LabelSpace, resolve_classes
 from amalgam.teachers.bank import check_config_classes, teacher_tasks
 from amalgam.teachers.io import (
@@ -46,17 +53,6 @@ from amalgam.teachers.io import (
 )
 from amalgam.utils import log, nearest_existing, to_dict
 
-HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
-# what build_student / load_teacher_bank / train_teacher read from their config entries
-STUDENT_KEYS = {
-    "arch", "in_chans", "input_size", "mean", "std", "weights", "feature_indices",
-    "model_kwargs", "channels_last", "compile", "num_classes", "pretrained", "key_map",
-}  # fmt: skip
-TEACHER_KEYS = {
-    "name", "arch", "classes", "weights", "in_chans", "input_size", "mean", "std",
-    "model_kwargs", "feature_indices", "class_names", "key_map",
-    "pretrained", "init_weights", "init_key_map",  # read by train_teacher only
-}  # fmt: skip
 # the loss terms each method reads from method.weights
 BUILT_BY_CODE = {"space", "student_shapes", "teacher_shapes", "tasks", "targets"}
 CHANNEL_RULE = "amalgam converts channels only 1 -> n (repeat) and n -> 1 (mean)"
@@ -753,13 +749,13 @@ def validate_parts(
         method_cls = check_method(method)
         check_teacher_weights(method, list(teachers))
     if student is not None:
-        check_keys(student, STUDENT_KEYS, "student")
+        conform(student, StudentConfig, "student")
         check_norm(student.get("mean"), student.get("std"), "student")
         check_arch(str(student.get("arch")), "student.arch")
         check_network_init(student, "student", "weights", "key_map")
     for name, t in (teacher_set or {}).items():
         if isinstance(t, Mapping):
-            check_keys(t, TEACHER_KEYS, f"teacher_set.{name}")
+            conform(t, TeacherConfig, f"teacher_set.{name}")
     return method_cls
 
 
@@ -829,6 +825,8 @@ def validate_amalgamation(cfg: DictConfig) -> None:
         student=student, method=method, teacher_set=teacher_set, teachers=list(teacher_set)
     )
     check_data_keys(data)
+    if cfg.get("teacher_cache") is not None:
+        conform(to_dict(cfg.teacher_cache), TeacherCacheConfig, "teacher_cache")
     trainer = cfg.get("trainer") or {}  # two keys only: the rest may need Hydra's runtime
     check_precision({k: trainer.get(k) for k in ("precision", "accelerator") if k in trainer})
     # 2. directories read (those written are checked by check_run_dirs, at launch)
@@ -865,7 +863,7 @@ def validate_teacher_training(cfg: DictConfig) -> None:
     data = to_dict(cfg.data)
     name = str(t.get("name"))
     check_run_values(_run_values(cfg))
-    check_keys(t, TEACHER_KEYS, "teacher")
+    conform(t, TeacherConfig, "teacher")
     check_norm(t.get("mean"), t.get("std"), "teacher")
     check_data_keys(data)
     out = _output_dir(cfg)

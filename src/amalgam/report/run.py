@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from amalgam.files import atomic_open, atomic_path, atomic_write_text  # noqa: F401
+from amalgam.results import FILE, write_results
 
 
 def pct(x: float | None) -> str:
@@ -179,8 +179,8 @@ def write(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path
     (a crash leaves the previous file or the new one, never a torn one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
-    atomic_write(paths["json"], json.dumps(results, indent=2))
+    paths = {"json": out / FILE, "md": out / "results.md", "png": out / "results.png"}
+    write_results(results, out)  # the schema checked first (amalgam.results)
     atomic_write(paths["md"], markdown(results))
     plot(results, paths["png"])
     return paths

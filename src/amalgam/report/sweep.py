@@ -49,6 +49,7 @@ from rich.table import Table
 from rich.text import Text
 
 from amalgam.report.run import atomic_path, atomic_write, md_table
+from amalgam.results import read_results
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -87,39 +88,6 @@ def read_json(path: Path) -> tuple[Any, str | None]:
         return json.loads(path.read_text()), None
     except (OSError, ValueError, RecursionError) as e:
         return None, f"unreadable ({type(e).__name__}: {first_line(str(e))})"
-
-
-def _numbers(d: Any, keys: tuple[str, ...]) -> bool:
-    return isinstance(d, dict) and all(
-        isinstance(d.get(k), int | float) and not isinstance(d.get(k), bool) for k in keys
-    )
-
-
-def result_problem(r: Any) -> str | None:
-    """Why a parsed results.json cannot be aggregated; None when it can."""
-    if not isinstance(r, dict):
-        return "not a JSON object"
-    tasks = r.get("tasks")
-    if not isinstance(tasks, dict) or not tasks:
-        return "no 'tasks' entry"
-    for name, t in tasks.items():
-        if not _numbers(t, ("student_acc", "teacher_acc")):
-            return f"task '{name}' lacks a numeric student_acc or teacher_acc"
-    if not _numbers(r.get("joint"), ("student_acc", "teacher_ensemble_acc")):
-        return "'joint' lacks a numeric student_acc or teacher_ensemble_acc"
-    if r.get("seed") is not None and not isinstance(r["seed"], int):
-        return "'seed' is not an integer"
-    for key in ("provenance", "teacher_hashes"):
-        if r.get(key) is not None and not isinstance(r[key], dict):
-            return f"'{key}' is not an object"
-    return None
-
-
-def read_results(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(the results, None), or (None, why the file is unreadable or malformed)."""
-    r, why = read_json(path)
-    why = why or result_problem(r)
-    return (None, why) if why else (r, None)
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
