@@ -16,7 +16,7 @@ help:
 	@echo "make demo     - get Fashion-MNIST, train two teachers, amalgamate, print the table"
 	@echo "make test     - the whole test suite (slow tests included, the soak test not)"
 	@echo "make test-fast - the tests not marked slow"
-	@echo "make test-long - variants of tested paths over the make-test budget (about 3 min)"
+	@echo "make test-long - over the make-test budget: variants of tested paths, the 224 px end-to-end run (about 5 min)"
 	@echo "make test-soak - a long CPU run: memory stays flat over thousands of steps (minutes)"
 	@echo "make bench    - time teachers / student / full step / cached step on the demo models"
 	@echo "make bench-accuracy - the fashion2 evidence table: scratch/kd/cfl/ablations x 3 seeds (1 h 31 min on 2 cores, bf16)"

@@ -59,6 +59,7 @@ def run(module: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess.C
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 108 s of the 10-minute make-test budget: make test-long runs it
 def test_cub_dogs_end_to_end_on_miniature_archives_with_hub_weights(tmp_path: Path) -> None:
     data, teachers, home = tmp_path / "data", tmp_path / "teachers", tmp_path / "hf"
     birds = write_cub(data, classes=3, train_per_class=3, test_per_class=2)
