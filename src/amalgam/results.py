@@ -96,7 +96,8 @@ class Results:
         ):
             raise ResultsError("'joint' lacks a numeric student_acc or teacher_ensemble_acc")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: _typed(d[k], _HINTS[cls][k], k) for k in known if k in d}
+        top = known - {"tasks", "joint"}  # those two are records, built below
+        kwargs = {k: _typed(d[k], _HINTS[cls][k], k) for k in top if k in d}
         kwargs["tasks"] = {str(n): _record(TaskResult, t, f"tasks.{n}") for n, t in tasks.items()}
         kwargs["joint"] = _record(JointResult, joint, "joint")
         return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -86,6 +86,22 @@ def keys(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
 
 
+def check_keys(cfg: Mapping[str, Any], allowed: Iterable[str] | None, prefix: str) -> None:
+    """Refuse a key `allowed` does not name (a typo that Hydra lets through: yaml or +key)."""
+    if allowed is None:
+        return
+    allowed = set(allowed) | HYDRA_KEYS
+    for k in cfg:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = f" Did you mean '{prefix}.{close[0]}'?" if close else ""
+            known = sorted(allowed - HYDRA_KEYS)
+            raise ConfigError(
+                f"unknown config key '{prefix}.{k}': {prefix} takes {known}.{hint} "
+                f"Rename or remove it."
+            )
+
+
 def conform(cfg: Mapping[str, Any], schema: type, prefix: str) -> None:
     """Refuse a key `schema` does not name, or a value of the wrong type (OmegaConf's merge
     into the structured schema), as one ConfigError line naming `prefix.key`."""
@@ -94,15 +110,7 @@ def conform(cfg: Mapping[str, Any], schema: type, prefix: str) -> None:
         for k, v in dict(cfg).items()
         if k not in HYDRA_KEYS
     }
-    known = keys(schema)
-    for k in given:  # OmegaConf would stop at the first; this names a close match too
-        if k not in known:
-            close = difflib.get_close_matches(str(k), known, n=1)
-            hint = f" Did you mean '{prefix}.{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown config key '{prefix}.{k}': {prefix} takes {sorted(known)}.{hint} "
-                f"Rename or remove it."
-            )
+    check_keys(given, keys(schema), prefix)  # names a close match, unlike OmegaConf
     try:
         OmegaConf.merge(OmegaConf.structured(schema), given)
     except ConfigKeyError as e:  # pragma: no cover - every unknown key is caught above

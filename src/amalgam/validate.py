@@ -8,12 +8,11 @@ docs/RELIABILITY.md lists every case with its message and its test.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from amalgam.schemas import (
     StudentConfig,
     TeacherCacheConfig,
     TeacherConfig,
+    check_keys,
     conform,
 )
 from amalgam.tasks import LabelSpace, resolve_classes
@@ -74,22 +74,6 @@ def _params(fn: Callable[..., Any]) -> set[str] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps):
         return None
     return {p.name for p in ps if p.kind is not inspect.Parameter.VAR_POSITIONAL}
-
-
-def check_keys(cfg: Mapping[str, Any], allowed: Iterable[str] | None, prefix: str) -> None:
-    """Refuse a key `allowed` does not name (a typo that Hydra lets through: yaml or +key)."""
-    if allowed is None:
-        return
-    allowed = set(allowed) | HYDRA_KEYS
-    for k in cfg:
-        if k not in allowed:
-            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            hint = f" Did you mean '{prefix}.{close[0]}'?" if close else ""
-            known = sorted(allowed - HYDRA_KEYS)
-            raise ConfigError(
-                f"unknown config key '{prefix}.{k}': {prefix} takes {known}.{hint} "
-                f"Rename or remove it."
-            )
 
 
 def check_source_keys(src: Mapping[str, Any], prefix: str = "data.source") -> None:
